@@ -1,0 +1,1 @@
+"""Microbenchmarks: one module per kernel (``KERNEL`` name + ``cases()``), a harness and the mm-bench CLI."""

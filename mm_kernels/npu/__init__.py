@@ -1,0 +1,1 @@
+"""NPU backend: torch_npu fused operators, as MindSpeed calls them."""

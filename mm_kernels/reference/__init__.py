@@ -1,0 +1,1 @@
+"""Plain PyTorch implementations: the fallback backend and the test oracle."""
