@@ -143,7 +143,7 @@ def load_fsdp2_config(path: str | Path) -> FSDP2Config:
     try:
         return parse_fsdp2_config(yaml.safe_load(path.read_text()))
     except yaml.YAMLError as error:
-        raise FSDP2ConfigError(f"{path}: not valid YAML: {error}") from None
+        raise FSDP2ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
     except FSDP2ConfigError as error:
         raise FSDP2ConfigError(f"{path}: {error}") from None
 
