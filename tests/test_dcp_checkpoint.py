@@ -19,11 +19,11 @@ from mm_train.dcp_checkpoint import (
 )
 from mm_train.fsdp2 import FSDP2Config, apply_fsdp2
 from mm_train.meta_init import build_fsdp2_model_on_meta
-from mm_train.param_init import KeyedInit, init_parameters_
+from mm_train.param_init import init_parameters_
 from tests.distributed import run_on_ranks
-from tests.toy_transformer import ToyTransformer, global_rng_batch, keyed_batch, train
+from tests.toy_transformer import ToyTransformer, global_rng_batch, keyed_batch, keyed_full_value, train
 
-INIT = KeyedInit(seed=99, num_layers=2)
+INIT = keyed_full_value(seed=99)
 CONFIG = FSDP2Config(sub_modules_to_wrap=("layers.*",), num_to_forward_prefetch=1, num_to_backward_prefetch=1)
 STEPS, SAVE_AT, BATCH = 6, 3, 4
 
@@ -63,7 +63,7 @@ def check_resume_on_two_ranks(rank: int, world_size: int, tmp_path) -> None:
     uninterrupted = saving_run(model, tmp_path / "rng_data", global_rng_batch, rank, world_size)
     assert uninterrupted[-1] < uninterrupted[0]
     torch.manual_seed(12345)
-    fresh = build_fsdp2_model_on_meta(ToyTransformer, CONFIG, KeyedInit(seed=7), "cpu")
+    fresh = build_fsdp2_model_on_meta(ToyTransformer, CONFIG, keyed_full_value(seed=7), "cpu")
     resumed = resumed_run(fresh, tmp_path / "rng_data", global_rng_batch, rank, world_size)
     torch.testing.assert_close(resumed, uninterrupted[SAVE_AT:], rtol=1e-4, atol=0)
 

@@ -20,11 +20,11 @@ from mm_train.fsdp2 import (
     validate_fsdp2_args,
 )
 from mm_train.meta_init import build_fsdp2_model_on_meta, materialize_meta_model
-from mm_train.param_init import KeyedInit, init_parameters_, parameter_generator
+from mm_train.param_init import init_parameters_
 from tests.distributed import run_on_ranks
-from tests.toy_transformer import ToyTransformer, keyed_batch, lm_loss, train
+from tests.toy_transformer import ToyTransformer, keyed_batch, keyed_full_value, lm_loss, train
 
-INIT = KeyedInit(seed=1234, num_layers=2)
+INIT = keyed_full_value(seed=1234)
 STEPS = range(4)
 
 FULL_YAML = """
@@ -160,19 +160,13 @@ def test_incompatible_flags_refused(overrides, flag):
     assert "\n" not in str(error.value)
 
 
-def test_param_init_is_keyed_by_seed_and_name():
+def test_init_parameters_sets_each_full_value_by_name():
     model = init_parameters_(ToyTransformer(), INIT)
-    again = init_parameters_(ToyTransformer(), INIT)
-    assert_same_parameters(model, again)
-    assert torch.equal(model.final_norm.weight, torch.ones(32)) and not model.layers[0].qkv.bias.any()
-    # The same name draws the same values whatever module holds it; output projections are scaled.
-    qkv = model.layers[1].qkv.weight
-    drawn = torch.randn(qkv.shape, generator=parameter_generator(INIT.seed, "layers.1.qkv.weight")) * INIT.std
-    assert torch.equal(qkv, drawn)
-    proj = model.layers[1].linear_proj.weight
-    assert proj.std().item() == pytest.approx(INIT.std / math.sqrt(4), rel=0.15)
-    other_seed = init_parameters_(ToyTransformer(), KeyedInit(seed=5, num_layers=2))
-    assert not torch.equal(other_seed.layers[1].qkv.weight, qkv)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, INIT(name, param.shape)), name
+    assert_same_parameters(model, init_parameters_(ToyTransformer(), INIT))
+    other_seed = init_parameters_(ToyTransformer(), keyed_full_value(seed=5))
+    assert not torch.equal(other_seed.layers[1].qkv.weight, model.layers[1].qkv.weight)
 
 
 class WithBuffer(nn.Module):

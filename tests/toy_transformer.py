@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -48,6 +50,21 @@ class ToyTransformer(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.output_layer(self.final_norm(x))
+
+
+def keyed_full_value(seed: int):
+    """Full value of each toy parameter keyed by (seed, name): biases 0, other 1-D weights 1,
+    matrices N(0, 0.02). For mm_train.param_init.init_parameters_."""
+
+    def full_value(name: str, shape: torch.Size) -> torch.Tensor:
+        if name.endswith("bias"):
+            return torch.zeros(shape)
+        if len(shape) == 1:
+            return torch.ones(shape)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        return torch.randn(shape, generator=generator) * 0.02
+
+    return full_value
 
 
 def lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
