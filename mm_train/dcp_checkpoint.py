@@ -143,9 +143,11 @@ def save_dcp_checkpoint(checkpoint_dir: str | Path, iteration: int, model: nn.Mo
         }, tmp / COMMON_FILENAME)
     _barrier()
     if rank == 0:
+        previous = final.with_name(final.name + ".old")
         if final.exists():
-            shutil.rmtree(final)
+            os.replace(final, previous)
         os.replace(tmp, final)
+        shutil.rmtree(previous, ignore_errors=True)
         marker = Path(checkpoint_dir) / TRACKER_FILENAME
         marker_tmp = marker.with_name(marker.name + ".tmp")
         marker_tmp.write_text(f"{iteration}\n")
@@ -154,15 +156,27 @@ def save_dcp_checkpoint(checkpoint_dir: str | Path, iteration: int, model: nn.Mo
     return final
 
 
-def latest_iteration(checkpoint_dir: str | Path) -> int:
-    """The iteration named by ``<checkpoint_dir>/latest_checkpointed_iteration.txt``."""
+def latest_iteration(checkpoint_dir: str | Path) -> int | None:
+    """The iteration named by ``<checkpoint_dir>/latest_checkpointed_iteration.txt``; None without one."""
     marker = Path(checkpoint_dir) / TRACKER_FILENAME
     if not marker.is_file():
-        raise CheckpointError(f"{checkpoint_dir}: no {TRACKER_FILENAME}, so no complete checkpoint to load")
+        return None
     text = marker.read_text().strip()
     if not text.isdigit():
-        raise CheckpointError(f"{marker}: expected an iteration number, found {text!r}")
+        raise CheckpointError(f"{marker}: expected an iteration number, found {text[:40]!r}")
     return int(text)
+
+
+def _raise_on_every_rank(error: str | None) -> None:
+    """Raises CheckpointError on all ranks when any rank has an ``error`` (so none is left waiting)."""
+    errors = [error]
+    if _distributed():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    failures = [(rank, message) for rank, message in enumerate(errors) if message is not None]
+    if failures:
+        rank, message = failures[0]
+        raise CheckpointError(message if len(errors) == 1 else f"rank {rank}: {message}")
 
 
 def _read_common(path: Path) -> dict[str, Any]:
@@ -185,15 +199,19 @@ def load_dcp_checkpoint(checkpoint_dir: str | Path, model: nn.Module, optimizer:
                         load_rng: bool = True, rng_tracker: Any = None) -> LoadedCheckpoint:
     """Loads a checkpoint written by :func:`save_dcp_checkpoint` in place; collective over all ranks.
 
-    ``iteration`` None means the latest complete one. ``model`` and ``optimizer`` must be built
-    (and, for FSDP2, sharded and materialised) already, at any world size DCP can reshard to.
-    ``load_optim``/``load_rng`` False skip those parts (``--no-load-optim``/``--no-load-rng``);
-    the scheduler is restored when given. Raises CheckpointError for a missing, partial or
-    corrupt checkpoint, or for optimizer/RNG state that was not saved (or, for RNG, saved at
-    another world size).
+    ``iteration`` None means the one the marker names; with no marker nothing is loaded and
+    ``LoadedCheckpoint(0, 0)`` is returned (a fresh start, as Megatron does). ``model`` and
+    ``optimizer`` must be built (for FSDP2: sharded and materialised) already, at any world
+    size DCP can reshard to. ``load_optim``/``load_rng`` False skip those parts
+    (``--no-load-optim``/``--no-load-rng``); the scheduler is restored when given and
+    ``load_optim`` is on. Raises CheckpointError on every rank for a missing, partial or
+    corrupt checkpoint, or for optimizer/RNG state that was not saved (or, for RNG, was saved
+    at another world size).
     """
     if iteration is None:
         iteration = latest_iteration(checkpoint_dir)
+        if iteration is None:
+            return LoadedCheckpoint(0, 0)
     path = iteration_dir(checkpoint_dir, iteration)
     common = _read_common(path)
     rank, world_size = _rank_world()
@@ -205,6 +223,13 @@ def load_dcp_checkpoint(checkpoint_dir: str | Path, model: nn.Module, optimizer:
     if load_rng and common["world_size"] != world_size:
         raise CheckpointError(f"{path}: RNG states were saved at world size {common['world_size']}, "
                               f"loading at {world_size}; load it with --no-load-rng")
+    rng, error = None, None
+    try:
+        if load_rng:
+            rng = torch.load(path / f"rng_rank_{rank}.pt", weights_only=True)
+    except Exception as failure:
+        error = f"{path / f'rng_rank_{rank}.pt'}: unreadable ({type(failure).__name__})"
+    _raise_on_every_rank(error)
     try:
         if load_optim:
             model_state, optim_state = get_state_dict(model, optimizer)
@@ -215,12 +240,11 @@ def load_dcp_checkpoint(checkpoint_dir: str | Path, model: nn.Module, optimizer:
             state = {"model": get_model_state_dict(model)}
             dcp.load(state, checkpoint_id=path)
             set_model_state_dict(model, state["model"])
-        rng = torch.load(path / f"rng_rank_{rank}.pt", weights_only=True) if load_rng else None
-    except (dcp.CheckpointException, OSError, RuntimeError, ValueError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: corrupt or incompatible checkpoint: {first_line}") from error
+    except (dcp.CheckpointException, OSError, RuntimeError, ValueError, KeyError) as failure:
+        first_line = next(iter(str(failure).strip().splitlines()), type(failure).__name__)
+        raise CheckpointError(f"{path}: corrupt or incompatible checkpoint: {first_line}") from failure
     if rng is not None:
         _set_rng_state(rng, rng_tracker)
-    if scheduler is not None and common["scheduler"] is not None:
+    if scheduler is not None and load_optim and common["scheduler"] is not None:
         scheduler.load_state_dict(common["scheduler"])
     return LoadedCheckpoint(common["iteration"], common["consumed_samples"], common["extra"])

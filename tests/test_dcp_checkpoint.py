@@ -12,6 +12,7 @@ import torch
 from mm_train.dcp_checkpoint import (
     TRACKER_FILENAME,
     CheckpointError,
+    LoadedCheckpoint,
     iteration_dir,
     latest_iteration,
     load_dcp_checkpoint,
@@ -125,9 +126,12 @@ def test_leftover_temp_dir_is_ignored(saved):
     assert load_into_fresh(saved).iteration == 2
 
 
-def test_missing_marker(tmp_path):
-    with pytest.raises(CheckpointError, match=f"no {TRACKER_FILENAME}"):
-        load_into_fresh(tmp_path)
+def test_no_marker_means_fresh_start(tmp_path):
+    assert latest_iteration(tmp_path) is None
+    model = init_parameters_(ToyTransformer(), INIT)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    assert load_dcp_checkpoint(tmp_path, model, None) == LoadedCheckpoint(0, 0)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
 def test_garbled_marker(saved):
@@ -173,3 +177,9 @@ def test_missing_parts_need_no_load_flags(saved):
     load_dcp_checkpoint(saved, loaded_model, None, load_rng=False)
     for name, param in loaded_model.named_parameters():
         assert torch.equal(param, dict(model.named_parameters())[name]), name
+
+
+def test_unreadable_rng_file_reported(saved):
+    (iteration_dir(saved, 2) / "rng_rank_0.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="rng_rank_0.pt: unreadable"):
+        load_into_fresh(saved)
