@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +57,11 @@ def test_load_config_reads_every_key(tmp_path):
         param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=True,
         offload_to_cpu=True, pin_memory=False, num_to_forward_prefetch=1, num_to_backward_prefetch=2,
         recompute_modules=("ToyBlock",))
+
+
+def test_example_config_loads():
+    config = load_fsdp2_config(Path(__file__).parents[1] / "examples" / "fsdp2_config.yaml")
+    assert config.sub_modules_to_wrap == ("decoder.layers.{*}",) and config.num_to_forward_prefetch == 1
 
 
 def test_empty_config_gives_defaults(tmp_path):
