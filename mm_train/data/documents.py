@@ -6,7 +6,6 @@ int64 ids ``[offset, offset + count)`` of one document.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -82,17 +81,11 @@ def split_text_documents(text: str) -> list[str]:
     return [block.strip() for block in text.split("\n\n") if block.strip()]
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenized_text_file(path: str, tokenizer) -> InMemoryDocuments:
-    text = Path(path).read_text(encoding="utf-8")
-    documents = [np.array(tokenizer.tokenize(block) + [tokenizer.eod], dtype=np.int64)
-                 for block in split_text_documents(text)]
-    return InMemoryDocuments(documents)
-
-
 def text_file_documents(path: Path, tokenizer) -> InMemoryDocuments:
     """The blank-line separated documents of a text file, tokenized, each ending with ``tokenizer.eod``."""
-    return _tokenized_text_file(str(path), tokenizer)
+    text = Path(path).read_text(encoding="utf-8")
+    return InMemoryDocuments([np.array(tokenizer.tokenize(block) + [tokenizer.eod], dtype=np.int64)
+                              for block in split_text_documents(text)])
 
 
 def split_ranges(num_documents: int, fractions: tuple[float, float, float]) -> list[tuple[int, int]]:
