@@ -154,6 +154,14 @@ def test_hf_tokenizer_round_trip(tmp_path):
     ids = tokenizer.tokenize(TEXTS[0])
     assert ids == [vocab[w] for w in TEXTS[0].split()]
     assert tokenizer.detokenize(ids).split() == TEXTS[0].split()
+    jsonl = tmp_path / "two.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS[:2]) + "\n")
+    preprocess.main(["--input", str(jsonl), "--output-prefix", str(tmp_path / "hf"), "--append-eod",
+                     "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path)])
+    documents = IndexedDocuments(str(tmp_path / "hf_text_document"))
+    for index, text in enumerate(TEXTS[:2]):
+        expected = tokenizer.tokenize(text) + [tokenizer.eod]
+        assert documents.read(index, 0, int(documents.lengths[index])).tolist() == expected
 
 
 # mm-preprocess and indexed datasets
