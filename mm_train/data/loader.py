@@ -132,8 +132,9 @@ def build_sample_streams(args: argparse.Namespace, tokenizer) -> tuple[object, o
     if args.mock_data:
         if args.data_path:
             raise ValueError("--mock-data and --data-path exclude each other")
-        return tuple(MockStream(tokenizer.vocab_size, args.seq_length, args.variable_seq_lengths, args.seed,
-                                (0, split)) for split in (TRAIN, VALID)) + ("--mock-data",)
+        train, valid = (MockStream(tokenizer.vocab_size, args.seq_length, args.variable_seq_lengths, args.seed,
+                                   (0, split)) for split in (TRAIN, VALID))
+        return train, valid, "--mock-data"
     collections, weights, source = _collections(args, tokenizer)
     per_collection = [_split_streams(documents, args, dataset_id) for dataset_id, documents in enumerate(collections)]
     if weights is None:

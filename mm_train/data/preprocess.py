@@ -25,7 +25,8 @@ _worker_tokenizer = None
 
 def build_parser() -> argparse.ArgumentParser:
     """The mm-preprocess argument parser."""
-    parser = argparse.ArgumentParser(prog="mm-preprocess", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="mm-preprocess", description="Builds Megatron indexed datasets (.bin/.idx) for --data-path from JSONL.")
     parser.add_argument("--input", required=True, help="JSONL file, one JSON object per line.")
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="Keys whose text becomes documents.")
     parser.add_argument("--output-prefix", required=True,
