@@ -16,6 +16,7 @@
 #include "activation_math.h"
 #include "cpu_dispatch.h"
 #include "dtype_convert.h"
+#include "huge_page_alloc.h"
 
 namespace mmk {
 namespace {
@@ -130,7 +131,7 @@ at::Tensor swiglu_fwd(const at::Tensor& x_in, int64_t dim) {
   std::vector<int64_t> out_shape;
   const Layout layout = halves_layout(x_in, dim, &out_shape);
   const at::Tensor x = x_in.contiguous();
-  at::Tensor y = at::empty(out_shape, x.options());
+  at::Tensor y = empty_huge_page_advised(out_shape, x.options());
   MMK_DISPATCH_SWIGLU_TYPES(x.scalar_type(), "mm_kernels_cpu::swiglu_fwd", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
@@ -149,7 +150,7 @@ at::Tensor swiglu_bwd(const at::Tensor& dy_in, const at::Tensor& x_in, int64_t d
   check_like("dy", dy_in, "x", x_in, out_shape);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor dy = dy_in.contiguous();
-  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor dx = empty_huge_page_advised(x.sizes(), x.options());
   MMK_DISPATCH_SWIGLU_TYPES(x.scalar_type(), "mm_kernels_cpu::swiglu_bwd", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
@@ -167,7 +168,7 @@ at::Tensor swiglu_pair_fwd(const at::Tensor& gate_in, const at::Tensor& up_in) {
   check_like("up", up_in, "gate", gate_in, gate_in.sizes());
   const at::Tensor gate = gate_in.contiguous();
   const at::Tensor up = up_in.contiguous();
-  at::Tensor y = at::empty(gate.sizes(), gate.options());
+  at::Tensor y = empty_huge_page_advised(gate.sizes(), gate.options());
   const Layout layout{1, gate.numel(), 0};
   MMK_DISPATCH_SWIGLU_TYPES(gate.scalar_type(), "mm_kernels_cpu::swiglu_pair_fwd", [&] {
     const scalar_t* ap = gate.const_data_ptr<scalar_t>();
@@ -186,8 +187,8 @@ std::tuple<at::Tensor, at::Tensor> swiglu_pair_bwd(const at::Tensor& dy_in, cons
   const at::Tensor gate = gate_in.contiguous();
   const at::Tensor up = up_in.contiguous();
   const at::Tensor dy = dy_in.contiguous();
-  at::Tensor dgate = at::empty(gate.sizes(), gate.options());
-  at::Tensor dup = at::empty(gate.sizes(), gate.options());
+  at::Tensor dgate = empty_huge_page_advised(gate.sizes(), gate.options());
+  at::Tensor dup = empty_huge_page_advised(gate.sizes(), gate.options());
   const Layout layout{1, gate.numel(), 0};
   MMK_DISPATCH_SWIGLU_TYPES(gate.scalar_type(), "mm_kernels_cpu::swiglu_pair_bwd", [&] {
     const scalar_t* ap = gate.const_data_ptr<scalar_t>();
