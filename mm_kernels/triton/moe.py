@@ -42,7 +42,8 @@ def _unpermute_kernel(permuted_ptr, sorted_ptr, probs_ptr, out_ptr, rows, hidden
     for k in range(topk):
         slot = token * topk + k
         row = tl.load(sorted_ptr + slot).to(tl.int64)
-        values = tl.load(permuted_ptr + row * hidden + cols, mask=mask & (row < rows), other=0.0).to(tl.float32)
+        kept = mask & (tl.zeros([BLOCK], dtype=tl.int64) + row < rows)
+        values = tl.load(permuted_ptr + row * hidden + cols, mask=kept, other=0.0).to(tl.float32)
         if HAS_PROBS:
             values = values * tl.load(probs_ptr + slot).to(tl.float32)
         acc += values
@@ -55,12 +56,11 @@ def _unpermute_bwd_kernel(dout_ptr, permuted_ptr, sorted_ptr, probs_ptr, dpermut
     slot = tl.program_id(0).to(tl.int64)
     token = slot // topk
     row = tl.load(sorted_ptr + slot).to(tl.int64)
-    kept = row < rows
     weight = tl.load(probs_ptr + slot).to(tl.float32) if HAS_PROBS else 1.0
     dot = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, hidden, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = (cols < hidden) & kept
+        mask = (cols < hidden) & (tl.zeros([BLOCK], dtype=tl.int64) + row < rows)
         grad = tl.load(dout_ptr + token * hidden + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(dpermuted_ptr + row * hidden + cols, (grad * weight).to(dpermuted_ptr.dtype.element_ty), mask=mask)
         if HAS_PROBS:
