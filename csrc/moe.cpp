@@ -22,6 +22,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "cpu_dispatch.h"
@@ -103,6 +104,46 @@ MMK_VECTORIZED float scale_dot_row(c10::Half* dst, const c10::Half* dout, const 
 }
 
 int64_t row_grain(int64_t hidden) { return std::max<int64_t>(1, kMinElemsPerTask / std::max<int64_t>(hidden, 1)); }
+
+// out[t] = sum of src[row] * weight over the entries (row, weight) = entry(j), j in span(t) = [begin, end),
+// with rows >= `rows` skipped; summed in fp32 in entry order, one task per token.
+template <typename T, typename SpanFn, typename EntryFn>
+void sum_rows_per_token(const T* src, int64_t rows, int64_t hidden, int64_t num_tokens, int64_t grain, T* out,
+                        SpanFn span, EntryFn entry) {
+  at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(hidden);
+    for (int64_t t = begin; t < end; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      const auto [first, last] = span(t);
+      for (int64_t j = first; j < last; ++j) {
+        const auto [row, weight] = entry(j);
+        if (row < rows) accumulate_row(acc.data(), src + row * hidden, weight, hidden);
+      }
+      store_row(out + t * hidden, acc.data(), hidden);
+    }
+  });
+}
+
+struct Pair {
+  int64_t row;
+  int64_t token;
+  float weight;
+};
+
+// For each pair i in [0, n) with pair(i).row < rows: dsrc[row] = dout[token] * weight and, when dweight is
+// given, dweight[i] = <src[row], dout[token]>. Each row must belong to at most one pair.
+template <typename T, typename PairFn>
+void scale_dot_pairs(const T* dout, const T* src, int64_t n, int64_t rows, int64_t hidden, T* dsrc, float* dweight,
+                     PairFn pair) {
+  at::parallel_for(0, n, row_grain(hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Pair p = pair(i);
+      if (p.row >= rows) continue;
+      const float dot = scale_dot_row(dsrc + p.row * hidden, dout + p.token * hidden, src + p.row * hidden, p.weight, hidden);
+      if (dweight) dweight[i] = dot;
+    }
+  });
+}
 
 // ---- input checks -------------------------------------------------------------------------
 
@@ -236,18 +277,10 @@ at::Tensor moe_unpermute(const at::Tensor& permuted_in, const at::Tensor& sorted
   const int64_t* row_of = sorted.const_data_ptr<int64_t>();
   const float* w = probs ? probs->const_data_ptr<float>() : nullptr;
   MMK_DISPATCH_MOE_TYPES(permuted.scalar_type(), "mm_kernels_cpu::moe_unpermute", [&] {
-    const scalar_t* src = permuted.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, num_tokens, row_grain(hidden * std::max<int64_t>(topk, 1)), [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(hidden);
-      for (int64_t t = begin; t < end; ++t) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t s = t * topk; s < (t + 1) * topk; ++s) {
-          if (row_of[s] < rows) accumulate_row(acc.data(), src + row_of[s] * hidden, w ? w[s] : 1.0f, hidden);
-        }
-        store_row(dst + t * hidden, acc.data(), hidden);
-      }
-    });
+    sum_rows_per_token(permuted.const_data_ptr<scalar_t>(), rows, hidden, num_tokens,
+                       row_grain(hidden * std::max<int64_t>(topk, 1)), out.mutable_data_ptr<scalar_t>(),
+                       [&](int64_t t) { return std::pair{t * topk, (t + 1) * topk}; },
+                       [&](int64_t s) { return std::pair{row_of[s], w ? w[s] : 1.0f}; });
   });
   return out;
 }
@@ -280,18 +313,9 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_bwd(const at::Tensor& dout_in, 
   const float* w = probs ? probs->const_data_ptr<float>() : nullptr;
   float* dw = probs ? dprobs.mutable_data_ptr<float>() : nullptr;
   MMK_DISPATCH_MOE_TYPES(permuted.scalar_type(), "mm_kernels_cpu::moe_unpermute_bwd", [&] {
-    const scalar_t* src = permuted.const_data_ptr<scalar_t>();
-    const scalar_t* g = dout.const_data_ptr<scalar_t>();
-    scalar_t* dsrc = dpermuted.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, slots, row_grain(hidden), [&](int64_t begin, int64_t end) {
-      for (int64_t s = begin; s < end; ++s) {
-        const int64_t row = row_of[s];
-        if (row >= rows) continue;
-        const float dot = scale_dot_row(dsrc + row * hidden, g + (s / topk) * hidden, src + row * hidden,
-                                        w ? w[s] : 1.0f, hidden);
-        if (dw) dw[s] = dot;
-      }
-    });
+    scale_dot_pairs(dout.const_data_ptr<scalar_t>(), permuted.const_data_ptr<scalar_t>(), slots, rows, hidden,
+                    dpermuted.mutable_data_ptr<scalar_t>(), dw,
+                    [&](int64_t s) { return Pair{row_of[s], s / topk, w ? w[s] : 1.0f}; });
   });
   if (probs_in) return {dpermuted, dprobs.to(probs_in->scalar_type()).view(probs_in->sizes())};
   return {dpermuted, dprobs};
@@ -377,19 +401,9 @@ at::Tensor moe_combine(const at::Tensor& src_in, const at::Tensor& row_token_in,
   at::Tensor out = at::empty({num_tokens, hidden}, src.options());
   const float* w = weight ? weight->const_data_ptr<float>() : nullptr;
   MMK_DISPATCH_MOE_TYPES(src.scalar_type(), "mm_kernels_cpu::moe_combine", [&] {
-    const scalar_t* sp = src.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, num_tokens, row_grain(hidden), [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(hidden);
-      for (int64_t t = begin; t < end; ++t) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t j = first[t]; j < first[t + 1]; ++j) {
-          const int64_t r = order[j];
-          accumulate_row(acc.data(), sp + r * hidden, w ? w[r] : 1.0f, hidden);
-        }
-        store_row(dst + t * hidden, acc.data(), hidden);
-      }
-    });
+    sum_rows_per_token(src.const_data_ptr<scalar_t>(), rows, hidden, num_tokens, row_grain(hidden),
+                       out.mutable_data_ptr<scalar_t>(), [&](int64_t t) { return std::pair{first[t], first[t + 1]}; },
+                       [&](int64_t j) { return std::pair{order[j], w ? w[order[j]] : 1.0f}; });
   });
   return out;
 }
@@ -417,16 +431,9 @@ std::tuple<at::Tensor, at::Tensor> moe_combine_bwd(const at::Tensor& dout_in, co
   const float* w = weight ? weight->const_data_ptr<float>() : nullptr;
   float* dw = weight ? dweight.mutable_data_ptr<float>() : nullptr;
   MMK_DISPATCH_MOE_TYPES(src.scalar_type(), "mm_kernels_cpu::moe_combine_bwd", [&] {
-    const scalar_t* sp = src.const_data_ptr<scalar_t>();
-    const scalar_t* g = dout.const_data_ptr<scalar_t>();
-    scalar_t* dp = dsrc.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const float dot = scale_dot_row(dp + r * hidden, g + token_of[r] * hidden, sp + r * hidden,
-                                        w ? w[r] : 1.0f, hidden);
-        if (dw) dw[r] = dot;
-      }
-    });
+    scale_dot_pairs(dout.const_data_ptr<scalar_t>(), src.const_data_ptr<scalar_t>(), rows, rows, hidden,
+                    dsrc.mutable_data_ptr<scalar_t>(), dw,
+                    [&](int64_t r) { return Pair{r, token_of[r], w ? w[r] : 1.0f}; });
   });
   if (weight_in) return {dsrc, dweight.to(weight_in->scalar_type())};
   return {dsrc, dweight};
