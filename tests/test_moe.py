@@ -285,7 +285,10 @@ class _MoERoundTrip(torch.nn.Module):
         permuted, permuted_probs, row_tokens = ops.megatron_permute(
             tokens, routing_map, map_probs, num_out_tokens=2 * tokens.shape[0], drop_and_pad=True)
         expert_out = permuted * permuted_probs.unsqueeze(-1)
-        return out + ops.megatron_unpermute(expert_out, row_tokens, tokens.shape, drop_and_pad=True)
+        out = out + ops.megatron_unpermute(expert_out, row_tokens, tokens.shape, drop_and_pad=True)
+        # Without drop_and_pad the number of rows depends on the routing map (a data-dependent size).
+        permuted, _, row_tokens = ops.megatron_permute(tokens, routing_map)
+        return out + ops.megatron_unpermute(permuted, row_tokens, tokens.shape, map_probs, routing_map)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -298,10 +301,11 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     for fn in (model, compiled):
         x = tokens.clone().requires_grad_(True)
         p = probs.clone().requires_grad_(True)
+        mp = map_probs.clone().requires_grad_(True)
         with mm_kernels.use_backend(backend):
-            out = fn(x, indices, p, routing_map, map_probs)
+            out = fn(x, indices, p, routing_map, mp)
             (out * weight).sum().backward()
-        results.append((out, x.grad, p.grad))
+        results.append((out, x.grad, p.grad, mp.grad))
     for actual, expected in zip(*results, strict=True):
         torch.testing.assert_close(actual, expected)
 

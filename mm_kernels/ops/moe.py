@@ -360,8 +360,11 @@ def moe_unpermute_with_routing_map(
             row_slot = sorted_indices.long() * num_experts + expert
         else:
             row_slot = moe_sort_routing_map(routing_map, -1)
-            torch._check_value(row_slot.shape[0] == rows, lambda: (
-                f"routing_map routes {row_slot.shape[0]} (token, expert) pairs but permuted_tokens has {rows} rows"))
+            routed = row_slot.shape[0]
+            if torch.compiler.is_compiling():
+                torch._check_value(routed == rows)
+            elif routed != rows:
+                raise ValueError(f"routing_map routes {routed} (token, expert) pairs but permuted_tokens has {rows} rows")
         row_weight = probs.reshape(-1).index_select(0, row_slot)
     check_same_device(permuted_tokens=permuted_tokens, sorted_indices=sorted_indices)
     return moe_combine(permuted_tokens, sorted_indices, row_weight, num_tokens)
