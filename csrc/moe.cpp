@@ -39,6 +39,8 @@ namespace {
 constexpr int64_t kMinElemsPerTask = 32768;
 // Lanes of the partial sums of a dot product: a fixed summation order on every instruction set.
 constexpr int kDotLanes = 16;
+// Columns summed together when a token's rows are combined (an fp32 block that stays in L1).
+constexpr int64_t kColumnBlock = 512;
 // The counting sort keeps one counter per expert; without num_experts the largest index sets
 // the bucket count, bounded so that the counters stay proportional to the input.
 constexpr int64_t kMinExpertBuckets = int64_t{1} << 16;
@@ -106,20 +108,27 @@ MMK_VECTORIZED float scale_dot_row(c10::Half* dst, const c10::Half* dout, const 
 int64_t row_grain(int64_t hidden) { return std::max<int64_t>(1, kMinElemsPerTask / std::max<int64_t>(hidden, 1)); }
 
 // out[t] = sum of src[row] * weight over the entries (row, weight) = entry(j), j in span(t) = [begin, end),
-// with rows >= `rows` skipped; summed in fp32 in entry order, one task per token.
+// with rows >= `rows` skipped; summed in fp32 in entry order, one task per token. Columns go in blocks so
+// that the rows of a token are read side by side.
 template <typename T, typename SpanFn, typename EntryFn>
 void sum_rows_per_token(const T* src, int64_t rows, int64_t hidden, int64_t num_tokens, int64_t grain, T* out,
                         SpanFn span, EntryFn entry) {
   at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(hidden);
+    float acc[kColumnBlock];
+    std::vector<std::pair<const T*, float>> kept;
     for (int64_t t = begin; t < end; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.0f);
+      kept.clear();
       const auto [first, last] = span(t);
       for (int64_t j = first; j < last; ++j) {
         const auto [row, weight] = entry(j);
-        if (row < rows) accumulate_row(acc.data(), src + row * hidden, weight, hidden);
+        if (row < rows) kept.emplace_back(src + row * hidden, weight);
       }
-      store_row(out + t * hidden, acc.data(), hidden);
+      for (int64_t col = 0; col < hidden; col += kColumnBlock) {
+        const int64_t len = std::min(kColumnBlock, hidden - col);
+        std::fill(acc, acc + len, 0.0f);
+        for (const auto& [row_ptr, weight] : kept) accumulate_row(acc, row_ptr + col, weight, len);
+        store_row(out + t * hidden + col, acc, len);
+      }
     }
   });
 }
