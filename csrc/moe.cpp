@@ -41,8 +41,8 @@ constexpr int64_t kMinElemsPerTask = 32768;
 constexpr int kDotLanes = 16;
 // Columns summed together when a token's rows are combined (an fp32 block that stays in L1).
 constexpr int64_t kColumnBlock = 512;
-// The counting sort keeps one counter per expert; without num_experts the largest index sets
-// the bucket count, bounded so that the counters stay proportional to the input.
+// The counting sort keeps one counter per expert up to the largest index; without num_experts that
+// index is bounded so that the counters stay proportional to the input.
 constexpr int64_t kMinExpertBuckets = int64_t{1} << 16;
 
 template <typename T>
@@ -242,14 +242,8 @@ std::tuple<at::Tensor, at::Tensor> moe_permute(const at::Tensor& tokens_in, cons
   TORCH_CHECK_VALUE(slots <= std::numeric_limits<int32_t>::max(), "mm_kernels_cpu::", op, ": T * K = ", slots,
                     " does not fit the int32 sorted_indices");
   const int64_t* experts = indices.const_data_ptr<int64_t>();
-  int64_t buckets = num_experts;
-  if (num_experts < 0) {
-    const int64_t limit = std::max(kMinExpertBuckets, slots);
-    check_range(op, "indices", experts, slots, limit);
-    buckets = slots == 0 ? 0 : *std::max_element(experts, experts + slots) + 1;
-  } else {
-    check_range(op, "indices", experts, slots, num_experts);
-  }
+  check_range(op, "indices", experts, slots, num_experts >= 0 ? num_experts : std::max(kMinExpertBuckets, slots));
+  const int64_t buckets = slots == 0 ? 0 : *std::max_element(experts, experts + slots) + 1;
   const at::Tensor tokens = tokens_in.contiguous();
   const int64_t hidden = tokens.size(1);
   at::Tensor sorted = at::empty({slots}, indices.options().dtype(at::kInt));
