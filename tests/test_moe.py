@@ -1,5 +1,6 @@
 """MoE permute / unpermute: every backend against the plain reference and Megatron-core, both forms."""
 
+import inspect
 import math
 
 import pytest
@@ -245,6 +246,14 @@ def test_routing_map_form_edge_cases(backend):
         permuted, probs_out, sorted_indices = ops.megatron_permute(
             tokens[:0], one_expert[:0], probs=torch.rand(0, 3), num_out_tokens=6, drop_and_pad=True)
     assert permuted.shape == (0, 4) and probs_out.shape == (0,) and sorted_indices.shape == (0,)
+
+
+@pytest.mark.parametrize("ours, theirs", [(ops.megatron_permute, "permute"), (ops.megatron_unpermute, "unpermute")])
+def test_megatron_signatures_match(ours, theirs):
+    expected = inspect.signature(getattr(moe_utils, theirs)).parameters
+    actual = inspect.signature(ours).parameters
+    assert list(actual) == list(expected)
+    assert [p.default for p in actual.values()] == [p.default for p in expected.values()]
 
 
 def test_megatron_dispatcher_calls():
