@@ -33,7 +33,7 @@ def _check_values_in(name: str, values: Tensor, bound: int) -> None:
     """Raises ValueError unless every element of ``values`` is in [0, bound) (bound < 0: no upper bound)."""
     if values.numel() == 0:
         return
-    low, high = (int(v) for v in torch.aminmax(values))
+    low, high = int(values.min()), int(values.max())
     if low < 0:
         raise ValueError(f"{name} must be >= 0, got {low}")
     if bound >= 0 and high >= bound:
@@ -75,7 +75,8 @@ def moe_unpermute_fwd(permuted: Tensor, sorted_indices: Tensor, probs: Optional[
     """permuted [N, H], sorted_indices [T * K] (a permutation of [0, T * K)), probs [T, K] | None -> [T, H]."""
     slots = sorted_indices.numel()
     _check_values_in("sorted_indices", sorted_indices, slots)
-    if slots and int(torch.bincount(sorted_indices, minlength=slots).max()) > 1:
+    hit = torch.zeros(slots, dtype=torch.bool, device=sorted_indices.device).index_fill_(0, sorted_indices.long(), True)
+    if not bool(hit.all()):
         raise ValueError("sorted_indices must be a permutation of [0, T*K) (a row appears twice); "
                          "pass the sorted_indices returned by moe_permute")
     return _kernels(permuted).unpermute_fwd(permuted, sorted_indices, probs, num_tokens)
