@@ -49,7 +49,7 @@ def transformer_config(args) -> TransformerConfig:
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         init_method_std=args.init_method_std,
-        perform_initialization=False,
+        perform_initialization=True,  # megatron sets the TP attributes only when it initialises
         use_cpu_initialization=True,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
