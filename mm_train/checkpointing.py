@@ -238,6 +238,15 @@ def _all_ranks_ok(error: str | None) -> None:
         raise CheckpointError(f"rank {rank}: {message}")
 
 
+def _unshare_adam_steps(torch_optimizer) -> None:
+    # Without Apex/TE, DistributedOptimizer.load_state_dict gives every parameter's state one shared
+    # 'step' tensor; torch Adam then increments it once per parameter and the bias correction drifts.
+    for state in torch_optimizer.state.values():
+        if "step" in state:
+            state["step"] = state["step"].clone()
+
+
+@torch.no_grad()
 def _apply_optimizer(main: dict, rank_state: dict, optimizer, directory: Path, args) -> None:
     if args.use_distributed_optimizer:
         shards = rank_state.get("distributed_optimizer")
@@ -247,6 +256,7 @@ def _apply_optimizer(main: dict, rank_state: dict, optimizer, directory: Path, a
         for inner, shard in zip(_optimizers(optimizer), shards, strict=True):
             inner.load_state_dict(shard["common"])
             inner.load_parameter_state_from_dp_reshardable(shard["params"])
+            _unshare_adam_steps(inner.optimizer)
         return
     if "optimizer" not in main:
         raise CheckpointError(f"{directory} has no optimizer state (saved with --no-save-optim?); use --no-load-optim")
