@@ -1,1 +1,1 @@
-"""mm_train: a thin Megatron-core GPT trainer with MindSpeed-MM style flags and the mm_kernels fused ops."""
+"""mm_train: a thin Megatron-core trainer with MindSpeed-MM style flags and the fused mm_kernels."""

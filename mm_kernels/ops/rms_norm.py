@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from mm_kernels._registry import kernels_for
-from mm_kernels.reference.rms_norm import compute_dtype
 from mm_kernels.ops._checks import check_float, check_min_dim, check_same_device
+from mm_kernels.reference.rms_norm import compute_dtype
 
 CASTING_MODES = ("llama", "gemma", "none")
 IMPLEMENTED = ("reference", "cpu", "triton", "npu")
