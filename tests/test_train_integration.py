@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from megatron.core.transformer import TransformerConfig, mlp, torch_norm
@@ -11,6 +9,7 @@ from megatron.core.transformer import TransformerConfig, mlp, torch_norm
 import mm_kernels
 from mm_kernels.integrations.megatron import apply_fused_kernels, fused_bias_swiglu
 from tests.helpers import assert_close
+from tests.train_runner import fused_rmsnorm_available
 
 
 def _config(normalization="RMSNorm"):
@@ -40,7 +39,7 @@ def test_norm_swap_restores_the_wrapper():
     assert torch_norm.WrappedTorchNorm.__dict__["__new__"] is original
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mm_kernels.nn") is None, reason="mm_kernels.nn not on this branch")
+@pytest.mark.skipif(not fused_rmsnorm_available(), reason="mm_kernels.nn.FusedRMSNorm not on this branch")
 def test_fused_norm_is_built_and_matches_torch():
     from mm_kernels.nn import FusedRMSNorm
 
