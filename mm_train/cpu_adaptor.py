@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch.overrides import TorchFunctionMode
 
-CUDA_TENSOR_TYPES = {"torch.FloatTensor": "torch.cuda.FloatTensor"}
+CUDA_TENSOR_TYPES = {name: name.replace("torch.", "torch.cuda.")
+                     for name in ("torch.FloatTensor", "torch.HalfTensor", "torch.BFloat16Tensor")}
 
 
 @dataclass(frozen=True)
@@ -68,14 +69,17 @@ _MODE = CudaToCpuMode()
 def _enter_cuda_to_cpu_mode() -> None:
     _MODE.__enter__()
     torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda device=None: None
 
 
 def _cuda_hard_coded() -> bool:
     from megatron.core.optimizer import clip_grads
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
     from megatron.core.transformer import utils
 
     return ('device="cuda"' in inspect.getsource(utils.get_default_causal_mask)
-            and "device='cuda'" in inspect.getsource(clip_grads.get_grad_norm_fp32))
+            and "device='cuda'" in inspect.getsource(clip_grads.get_grad_norm_fp32)
+            and "torch.cuda.synchronize()" in inspect.getsource(P2PCommunicator._communicate_shapes))
 
 
 def _patch_rng_tracker() -> None:
@@ -150,8 +154,9 @@ def _torch_norm_refuses_sequence_parallel() -> bool:
 
 
 PATCHES = (
-    Patch("cuda-to-cpu", "device='cuda' / .cuda() / 'torch.cuda.FloatTensor' checks and torch.cuda.current_device() "
-          "(causal mask, clip_grads, optimizer, distrib_optimizer, rope_utils, schedules) fail without CUDA",
+    Patch("cuda-to-cpu", "device='cuda' / .cuda() / 'torch.cuda.FloatTensor' checks, torch.cuda.current_device() "
+          "and torch.cuda.synchronize() (causal mask, clip_grads, optimizer, distrib_optimizer, rope_utils, "
+          "schedules, pipeline shape exchange) fail without CUDA",
           _enter_cuda_to_cpu_mode, _cuda_hard_coded),
     Patch("cpu-rng-tracker", "the model-parallel RNG tracker reads and seeds torch.cuda generators",
           _patch_rng_tracker, _rng_tracker_is_cuda),

@@ -32,7 +32,7 @@ def params_dtype(args) -> torch.dtype:
 def transformer_config(args) -> TransformerConfig:
     """megatron-core TransformerConfig from the parsed (and validated) arguments."""
     dtype = params_dtype(args)
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,
@@ -58,7 +58,6 @@ def transformer_config(args) -> TransformerConfig:
         pipeline_dtype=dtype,
         bf16=args.bf16,
         fp16=args.fp16,
-        variable_seq_lengths=args.variable_seq_lengths,
         calculate_per_token_loss=args.calculate_per_token_loss,
         recompute_granularity=args.recompute_granularity,
         recompute_method=args.recompute_method,
@@ -71,6 +70,10 @@ def transformer_config(args) -> TransformerConfig:
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
     )
+    # Set after construction: TransformerConfig's checks refuse variable lengths with the default MoE
+    # dispatcher even for dense models. The pipeline schedule reads it to exchange tensor shapes.
+    config.variable_seq_lengths = args.variable_seq_lengths
+    return config
 
 
 def padded_vocab_size(vocab_size: int, args) -> int:

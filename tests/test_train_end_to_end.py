@@ -82,3 +82,10 @@ def test_layout_reproduces_single_process_curve(reference, layout):
     result = run_train(TINY + ["--train-iters", str(ITERS), "--exit-interval", str(LAYOUT_ITERS), *flags],
                        nproc=nproc)
     _rel_close(losses(result), curve[:LAYOUT_ITERS], rtol=LAYOUT_RTOL)
+
+
+def test_variable_lengths_per_sample_loss_under_pipeline_parallel():
+    flags = TINY + ["--train-iters", "3", "--variable-seq-lengths", "--calculate-per-sample-loss"]
+    single = losses(run_train(flags))
+    _rel_close(losses(run_train(flags + ["--pipeline-model-parallel-size", "2"], nproc=2)), single,
+               rtol=LAYOUT_RTOL)
