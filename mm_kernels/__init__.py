@@ -6,6 +6,7 @@ picked from the input's device; ``MM_KERNELS_BACKEND`` or :func:`use_backend` fo
 
 from mm_kernels.dispatch import backends, use_backend
 from mm_kernels.ops.rms_norm import add_rms_norm, rms_norm, rms_norm_with_rstd
+from mm_kernels.ops.swiglu import swiglu, swiglu_pair
 
 __version__ = "0.1.0"
 
@@ -15,5 +16,7 @@ __all__ = [
     "backends",
     "rms_norm",
     "rms_norm_with_rstd",
+    "swiglu",
+    "swiglu_pair",
     "use_backend",
 ]
