@@ -1,0 +1,1 @@
+"""Integrations that swap framework modules for mm_kernels ops (megatron-core, Hugging Face)."""

@@ -1,0 +1,183 @@
+"""Patches that let megatron-core (pinned 0.16.1) run on CPU with gloo.
+
+Megatron-core hard-codes CUDA in places (device strings, the CUDA RNG tracker, dtype-name
+checks, a norm assertion). :func:`apply_cpu_adaptor` installs one small patch per failure,
+only when the process has no CUDA or NPU device. Each :class:`Patch` names the failure it
+fixes and carries ``still_needed``, a check against the pinned megatron-core source that
+turns false when an upgrade removes the failure (tests/test_train_cpu_adaptor.py then fails,
+so the stale patch gets deleted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+CUDA_TENSOR_TYPES = {name: name.replace("torch.", "torch.cuda.")
+                     for name in ("torch.FloatTensor", "torch.HalfTensor", "torch.BFloat16Tensor")}
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One adaptor patch: ``fixes`` says which megatron-core failure it removes."""
+
+    name: str
+    fixes: str
+    apply: Callable[[], None]
+    still_needed: Callable[[], bool]
+
+
+def _is_cuda(device: object) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.split(":")[0] == "cuda"
+    return False
+
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Runs torch calls that name a CUDA device on the CPU instead.
+
+    ``device="cuda"`` (or cuda:N) becomes ``cpu``; ``Tensor.cuda()`` returns the tensor;
+    ``Tensor.type()`` reports the CUDA type name megatron-core asserts on.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.to and args[1:] and _is_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        result = func(*args, **kwargs)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return CUDA_TENSOR_TYPES.get(result, result)
+        return result
+
+
+_MODE = CudaToCpuMode()
+
+
+def _enter_cuda_to_cpu_mode() -> None:
+    _MODE.__enter__()
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda device=None: None
+
+
+def _cuda_hard_coded() -> bool:
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+    from megatron.core.transformer import utils
+
+    return ('device="cuda"' in inspect.getsource(utils.get_default_causal_mask)
+            and "device='cuda'" in inspect.getsource(clip_grads.get_grad_norm_fp32)
+            and "torch.cuda.synchronize()" in inspect.getsource(P2PCommunicator._communicate_shapes))
+
+
+def _patch_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random
+
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name=random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+    random._get_cuda_rng_state = get_state
+    random._set_cuda_rng_state = set_state
+    random.CudaRNGStatesTracker.add = add
+    random.CudaRNGStatesTracker.fork = fork
+
+
+def _rng_tracker_is_cuda() -> bool:
+    from megatron.core.tensor_parallel import random
+
+    return ("torch.cuda.get_rng_state" in inspect.getsource(random.CudaRNGStatesTracker.add)
+            and "torch.cuda" in inspect.getsource(random._set_cuda_rng_state))
+
+
+def _patch_torch_norm_sequence_parallel() -> None:
+    from megatron.core.transformer import torch_norm
+
+    original = torch_norm.WrappedTorchNorm.__new__
+
+    def new(cls, config, hidden_size, eps=1e-5, **kwargs):
+        norm = original(cls, _without_sequence_parallel(config), hidden_size, eps, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = new
+
+
+def _without_sequence_parallel(config):
+    if not config.sequence_parallel:
+        return config
+    serial = copy.copy(config)
+    serial.sequence_parallel = False
+    return serial
+
+
+def _torch_norm_refuses_sequence_parallel() -> bool:
+    from megatron.core.transformer import torch_norm
+
+    return "sequence parallel not supported" in inspect.getsource(torch_norm.WrappedTorchNorm.__new__)
+
+
+PATCHES = (
+    Patch("cuda-to-cpu", "device='cuda' / .cuda() / 'torch.cuda.FloatTensor' checks, torch.cuda.current_device() "
+          "and torch.cuda.synchronize() (causal mask, clip_grads, optimizer, distrib_optimizer, rope_utils, "
+          "schedules, pipeline shape exchange) fail without CUDA",
+          _enter_cuda_to_cpu_mode, _cuda_hard_coded),
+    Patch("cpu-rng-tracker", "the model-parallel RNG tracker reads and seeds torch.cuda generators",
+          _patch_rng_tracker, _rng_tracker_is_cuda),
+    Patch("torch-norm-sequence-parallel", "WrappedTorchNorm asserts 'sequence parallel not supported by torch "
+          "LayerNorm'; the patch builds the norm and marks its parameters sequence_parallel so their grads are "
+          "all-reduced over TP", _patch_torch_norm_sequence_parallel, _torch_norm_refuses_sequence_parallel),
+)
+
+_applied: list[str] = []
+
+
+def accelerator_present() -> bool:
+    """True when a CUDA or Ascend NPU device is usable (the adaptor then stays off)."""
+    return torch.cuda.is_available() or (hasattr(torch, "npu") and torch.npu.is_available())
+
+
+def apply_cpu_adaptor() -> list[str]:
+    """Applies every patch once when there is no CUDA/NPU device; returns the names applied so far."""
+    if accelerator_present() or _applied:
+        return list(_applied)
+    for patch in PATCHES:
+        patch.apply()
+        _applied.append(patch.name)
+    return list(_applied)

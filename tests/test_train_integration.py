@@ -1,0 +1,60 @@
+"""mm_kernels.integrations.megatron: the norm and SwiGLU swaps happen only when asked, and undo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from megatron.core.transformer import TransformerConfig, mlp, torch_norm
+
+import mm_kernels
+from mm_kernels.integrations.megatron import apply_fused_kernels, fused_bias_swiglu
+from tests.helpers import assert_close
+from tests.train_runner import fused_rmsnorm_available
+
+
+def _config(normalization="RMSNorm"):
+    return TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, normalization=normalization)
+
+
+def test_off_builds_the_reference_norm_and_swiglu():
+    with apply_fused_kernels(rmsnorm=False, swiglu=False):
+        norm = torch_norm.WrappedTorchNorm(_config(), 8)
+        assert type(norm) is torch.nn.RMSNorm
+        assert mlp.bias_swiglu_impl is not fused_bias_swiglu
+
+
+def test_swiglu_swap_and_restore():
+    original = mlp.bias_swiglu_impl
+    with apply_fused_kernels(swiglu=True):
+        assert mlp.bias_swiglu_impl is fused_bias_swiglu
+    assert mlp.bias_swiglu_impl is original
+
+
+def test_norm_swap_restores_the_wrapper():
+    original = torch_norm.WrappedTorchNorm.__dict__["__new__"]
+    with apply_fused_kernels(rmsnorm=True):
+        assert torch_norm.WrappedTorchNorm.__dict__["__new__"] is not original
+        layer_norm = torch_norm.WrappedTorchNorm(_config(normalization="LayerNorm"), 8)
+        assert type(layer_norm) is torch.nn.LayerNorm
+    assert torch_norm.WrappedTorchNorm.__dict__["__new__"] is original
+
+
+@pytest.mark.skipif(not fused_rmsnorm_available(), reason="mm_kernels.nn.FusedRMSNorm not on this branch")
+def test_fused_norm_is_built_and_matches_torch():
+    from mm_kernels.nn import FusedRMSNorm
+
+    with apply_fused_kernels(rmsnorm=True):
+        norm = torch_norm.WrappedTorchNorm(_config(), 8, eps=1e-5)
+    assert isinstance(norm, FusedRMSNorm)
+    assert norm.weight.sequence_parallel is False
+    x = torch.randn(3, 5, 8)
+    assert_close(norm(x), torch.nn.functional.rms_norm(x, (8,), norm.weight, 1e-5), torch.float32)
+
+
+@pytest.mark.skipif(not hasattr(mm_kernels, "swiglu"), reason="mm_kernels.swiglu not on this branch")
+def test_fused_swiglu_matches_megatron_glu():
+    x = torch.randn(4, 3, 12, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(12, dtype=torch.float64)
+    gate, up = torch.chunk(x + bias, 2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    assert_close(fused_bias_swiglu(x.float(), bias.float()), expected, torch.float32)

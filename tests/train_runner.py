@@ -1,0 +1,55 @@
+"""Runs mm-train in subprocesses (one process, or several under torchrun on gloo) and reads its log."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LOSS = re.compile(r"\| lm loss: ([0-9.E+\-]+) \|")
+
+# Tiny fp32 GPT on the shipped corpus; dropout off and one padded vocabulary for every TP size,
+# so runs at different parallel layouts compute the same model.
+TINY = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --micro-batch-size 2 "
+        "--global-batch-size 8 --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-fraction 0.1 "
+        "--normalization RMSNorm --swiglu --position-embedding-type rope --disable-bias-linear "
+        "--hidden-dropout 0 --attention-dropout 0 --make-vocab-size-divisible-by 256 --log-interval 1 "
+        "--num-workers 0").split()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_train(args: list[str], nproc: int = 1, timeout: float = 300, env: dict | None = None):
+    """Runs ``python -m mm_train args`` (under torchrun when nproc > 1); returns the CompletedProcess."""
+    if nproc == 1:
+        command = [sys.executable, "-m", "mm_train", *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                   "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "mm_train", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(result) -> list[float]:
+    """The ``lm loss`` of every logged iteration; raises with the log tail when the run failed."""
+    if result.returncode != 0:
+        raise AssertionError(f"mm-train exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return [float(value) for value in LOSS.findall(result.stdout)]
+
+
+def fused_rmsnorm_available() -> bool:
+    """True when mm_kernels.nn.FusedRMSNorm exists (it lands on another branch)."""
+    if importlib.util.find_spec("mm_kernels.nn") is None:
+        return False
+    return hasattr(importlib.import_module("mm_kernels.nn"), "FusedRMSNorm")
