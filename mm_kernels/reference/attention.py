@@ -12,8 +12,8 @@ from torch import Tensor
 from mm_kernels.reference.rms_norm import compute_dtype
 
 
-def _probabilities(q: Tensor, k: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """Softmax probabilities [B, Hkv, G, Sq, Sk] and lse [B, Hkv, G, Sq] in the compute dtype."""
+def _scores(q: Tensor, k: Tensor, causal: bool, scale: float) -> Tensor:
+    """Scaled, masked scores [B, Hkv, G, Sq, Sk] in the compute dtype."""
     acc = compute_dtype(q.dtype)
     batch, seq_q, heads_q, dim = q.shape
     heads_kv = k.shape[2]
@@ -22,14 +22,15 @@ def _probabilities(q: Tensor, k: Tensor, causal: bool, scale: float) -> tuple[Te
     if causal:
         keep = torch.ones(seq_q, k.shape[1], dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.exp(scores - lse.unsqueeze(-1)), lse
+    return scores
 
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> (out [B, Sq, Hq, D] q.dtype, lse [B, Hq, Sq] compute dtype)."""
     batch, seq_q, heads_q, dim = q.shape
-    probs, lse = _probabilities(q, k, causal, scale)
+    scores = _scores(q, k, causal, scale)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1))
     out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v.to(probs.dtype)).reshape(batch, seq_q, heads_q, dim)
     return out.to(q.dtype), lse.reshape(batch, heads_q, seq_q)
 
@@ -39,15 +40,17 @@ def attention_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) like (q, k, v) of :func:`attention_fwd` given dout and its (out, lse).
 
-    With P the probabilities and delta_i = sum_d dout_id * out_id: dV = P^T dO,
-    dS = P * (dO V^T - delta), dQ = scale * dS K, dK = scale * dS^T Q.
+    The probabilities are P = exp(scores - lse) with the given lse, so a block of keys can be
+    differentiated against the lse of the whole row (ring attention). With
+    delta_i = sum_d dout_id * out_id: dV = P^T dO, dS = P * (dO V^T - delta), dQ = scale * dS K,
+    dK = scale * dS^T Q.
     """
-    del lse
     batch, seq_q, heads_q, dim = q.shape
     heads_kv = k.shape[2]
-    probs, _ = _probabilities(q, k, causal, scale)
-    acc = probs.dtype
     grouped = (batch, seq_q, heads_kv, heads_q // heads_kv, dim)
+    scores = _scores(q, k, causal, scale)
+    acc = scores.dtype
+    probs = torch.exp(scores - lse.to(acc).reshape(batch, heads_kv, heads_q // heads_kv, seq_q, 1))
     do = dout.to(acc).reshape(grouped)
     delta = (do * out.to(acc).reshape(grouped)).sum(-1).permute(0, 2, 3, 1)
     dv = torch.einsum("bhgqk,bqhgd->bkhd", probs, do)
