@@ -1,17 +1,5 @@
-"""Helpers for distributed tests: spawned gloo groups (with timeouts) and error measures."""
+"""Helpers for distributed tests: spawned gloo groups with timeouts (see ``mm_kernels.parallel.spawn``)."""
 
-from __future__ import annotations
+from mm_kernels.parallel.spawn import free_port, run_ranks
 
-import torch
-
-from mm_kernels.parallel.spawn import run_ranks
-
-__all__ = ["relative_error", "run_ranks"]
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected|, computed in fp64 (0 for empty tensors)."""
-    if expected.numel() == 0:
-        return 0.0
-    diff = (actual.double() - expected.double()).abs().max()
-    return (diff / expected.double().abs().max().clamp_min(1e-300)).item()
+__all__ = ["free_port", "run_ranks"]

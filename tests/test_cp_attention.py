@@ -31,7 +31,8 @@ from mm_kernels.parallel import (
     unshard_sequence,
 )
 from mm_kernels.parallel.ulysses import check_ulysses_heads
-from tests.distributed import relative_error, run_ranks
+from tests.distributed import run_ranks
+from tests.helpers import relative_error
 
 pytestmark = pytest.mark.distributed
 

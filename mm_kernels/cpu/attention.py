@@ -31,7 +31,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -
         q.transpose(1, 2), _repeat_heads(k, group).transpose(1, 2), _repeat_heads(v, group).transpose(1, 2),
         0.0, causal, scale=scale,
     )
-    return out.transpose(1, 2).contiguous(), lse
+    return out.transpose(1, 2).contiguous(), lse.contiguous()
 
 
 def attention_bwd(

@@ -32,7 +32,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1))
     out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v.to(probs.dtype)).reshape(batch, seq_q, heads_q, dim)
-    return out.to(q.dtype), lse.reshape(batch, heads_q, seq_q)
+    return out.to(q.dtype).contiguous(), lse.reshape(batch, heads_q, seq_q).contiguous()
 
 
 def attention_bwd(
@@ -57,4 +57,4 @@ def attention_bwd(
     dscores = probs * (torch.einsum("bqhgd,bkhd->bhgqk", do, v.to(acc)) - delta.unsqueeze(-1))
     dq = torch.einsum("bhgqk,bkhd->bqhgd", dscores, k.to(acc)).reshape(q.shape) * scale
     dk = torch.einsum("bhgqk,bqhgd->bkhd", dscores, q.to(acc).reshape(grouped)) * scale
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return tuple(g.to(x.dtype).contiguous() for g, x in ((dq, q), (dk, k), (dv, v)))
