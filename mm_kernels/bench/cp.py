@@ -3,8 +3,9 @@
 Each (algo, world size) runs on W spawned CPU processes with one thread each. Reported per run:
 median time of one forward+backward (the slowest rank's), bytes each rank sends per
 forward+backward, and each rank's compute time (thread CPU time inside the local attention
-kernels, so ranks sharing cores still compare fairly) with the slowest/fastest ratio: with the
-causal zigzag layout every rank does the same work. The first row is plain attention over the whole
+kernels, so ranks sharing cores still compare fairly) with the slowest/fastest ratio, next to the
+FLOPs of the attention blocks each rank computes: with the causal zigzag layout every rank does the
+same work. The first row is plain attention over the whole
 sequence in one process (one thread) for scale.
 """
 
@@ -54,6 +55,7 @@ class CPBenchResult:
     bytes_sent_per_rank: list[int]
     compute_ms_per_rank: list[float]
     compute_imbalance: float
+    gflops_per_rank: list[float]
 
 
 def _inputs(config: CPBenchConfig, seq: int) -> list[torch.Tensor]:
@@ -66,7 +68,7 @@ def _bench_rank(rank: int, world: int, algo: str, degree: int | None, config: CP
     torch.manual_seed(rank)
     q, k, v, dout = _inputs(config, config.seq // world)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    times, compute, sent = [], [], []
+    times, compute, sent, flops = [], [], [], []
     for i in range(config.warmup + config.reps):
         for t in (q, k, v):
             t.grad = None
@@ -79,7 +81,9 @@ def _bench_rank(rank: int, world: int, algo: str, degree: int | None, config: CP
             times.append(elapsed * 1e3)
             compute.append(stats.compute_cpu_s * 1e3)
             sent.append(stats.bytes_sent)
-    return {"ms": statistics.median(times), "compute_ms": statistics.median(compute), "bytes_sent": max(sent)}
+            flops.append(stats.flops)
+    return {"ms": statistics.median(times), "compute_ms": statistics.median(compute), "bytes_sent": max(sent),
+            "gflops": max(flops) / 1e9}
 
 
 def measure(algo: str, world: int, degree: int | None, config: CPBenchConfig) -> CPBenchResult:
@@ -88,7 +92,8 @@ def measure(algo: str, world: int, degree: int | None, config: CPBenchConfig) ->
     compute = [r["compute_ms"] for r in ranks]
     return CPBenchResult(algo=algo, world_size=world, ulysses_degree=degree, ms=max(r["ms"] for r in ranks),
                          bytes_sent_per_rank=[r["bytes_sent"] for r in ranks], compute_ms_per_rank=compute,
-                         compute_imbalance=max(compute) / max(min(compute), 1e-9))
+                         compute_imbalance=max(compute) / max(min(compute), 1e-9),
+                         gflops_per_rank=[r["gflops"] for r in ranks])
 
 
 def measure_single_process(config: CPBenchConfig) -> float:
@@ -122,12 +127,13 @@ def _runs(algos: list[str], worlds: list[int]) -> list[tuple[str, int, int | Non
 
 def format_results(results: list[CPBenchResult], single_ms: float) -> str:
     """Text table: one row per run, after the single-process row."""
-    lines = [f"{'algo':>18} {'W':>2} {'U':>2} {'ms fwd+bwd':>11} {'MB sent/rank':>13} {'imbalance':>9}  compute ms per rank",
-             f"{'1 process':>18} {1:>2} {'-':>2} {single_ms:>11.1f} {0:>13.2f} {'-':>9}  -"]
+    lines = [f"{'algo':>18} {'W':>2} {'U':>2} {'ms fwd+bwd':>11} {'MB sent/rank':>13} {'GFLOP/rank':>10} "
+             f"{'imbalance':>9}  compute ms per rank",
+             f"{'1 process':>18} {1:>2} {'-':>2} {single_ms:>11.1f} {0:>13.2f} {'-':>10} {'-':>9}  -"]
     for r in results:
         lines.append(f"{r.algo:>18} {r.world_size:>2} {r.ulysses_degree or '-':>2} {r.ms:>11.1f} "
-                     f"{max(r.bytes_sent_per_rank) / 2**20:>13.2f} {r.compute_imbalance:>9.3f}  "
-                     + " ".join(f"{c:.1f}" for c in r.compute_ms_per_rank))
+                     f"{max(r.bytes_sent_per_rank) / 2**20:>13.2f} {max(r.gflops_per_rank):>10.2f} "
+                     f"{r.compute_imbalance:>9.3f}  " + " ".join(f"{c:.1f}" for c in r.compute_ms_per_rank))
     return "\n".join(lines)
 
 
@@ -143,7 +149,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--no-causal", action="store_true", help="full attention instead of causal")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="small problem, two ranks (smoke test)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     return parser.parse_args(argv)

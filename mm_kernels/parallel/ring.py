@@ -62,9 +62,18 @@ class RingComm:
         return [post_recv(), post_send()]
 
 
-def _wait(works: list[dist.Work]) -> None:
-    for work in works:
-        work.wait()
+class _Transfer:
+    """One posted exchange of ``send`` round the ring; :meth:`wait` returns what arrived."""
+
+    def __init__(self, comm: RingComm, send: Tensor, tag: int):
+        self._send = send
+        self._recv = torch.empty_like(send)
+        self._works = comm.exchange(send, self._recv, tag)
+
+    def wait(self) -> Tensor:
+        for work in self._works:
+            work.wait()
+        return self._recv
 
 
 def _block(step: int, comm: RingComm | None, causal: bool, seq: int) -> tuple[slice, slice, bool]:
@@ -78,8 +87,8 @@ def _block(step: int, comm: RingComm | None, causal: bool, seq: int) -> tuple[sl
     return slice(half, None), everything, False
 
 
-def _pack(k: Tensor, v: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    return torch.cat([k.reshape(-1), v.reshape(-1)]).to(dtype or k.dtype)
+def _pack(k: Tensor, v: Tensor) -> Tensor:
+    return torch.cat([k.reshape(-1), v.reshape(-1)])
 
 
 def _unpack(buffer: Tensor, shape: torch.Size) -> tuple[Tensor, Tensor]:
@@ -99,6 +108,20 @@ def _ring_size(comm: RingComm | None) -> int:
     return 1 if comm is None else comm.size
 
 
+def _kv_blocks(k: Tensor, v: Tensor, comm: RingComm | None, causal: bool, seq: int):
+    """Yields (k block, v block, query rows, key rows, causal) for each ring step; the next step's K/V
+    transfer is in flight while the caller computes on the current block."""
+    kv = _pack(k, v)
+    size = _ring_size(comm)
+    for step in range(size):
+        transfer = _Transfer(comm, kv, _KV_TAG) if step + 1 < size else None
+        k_all, v_all = _unpack(kv, k.shape)
+        rows, keys, block_causal = _block(step, comm, causal, seq)
+        yield k_all[:, keys], v_all[:, keys], rows, keys, block_causal
+        if transfer is not None:
+            kv = transfer.wait()
+
+
 def ring_forward(q: Tensor, k: Tensor, v: Tensor, comm: RingComm | None, causal: bool,
                  scale: float) -> tuple[Tensor, Tensor]:
     """q [B, S, Hq, D], k/v [B, S, Hkv, D] (zigzag shards) -> (out like q, lse [B, Hq, S] fp32/fp64).
@@ -106,25 +129,14 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, comm: RingComm | None, causal:
     ``comm`` None: a ring of one rank (plain local attention).
     """
     acc = compute_dtype(q.dtype)
-    kv = _pack(k, v)
     out = lse = None
-    size = _ring_size(comm)
-    for step in range(size):
-        pending = []
-        if step + 1 < size:
-            incoming = torch.empty_like(kv)
-            pending = comm.exchange(kv, incoming, _KV_TAG)
-        k_block, v_block = _unpack(kv, k.shape)
-        rows, keys, block_causal = _block(step, comm, causal, q.shape[1])
-        with timed_compute():
-            block_out, block_lse = attention_fwd(q[:, rows], k_block[:, keys], v_block[:, keys], block_causal, scale)
+    for k_block, v_block, rows, _, block_causal in _kv_blocks(k, v, comm, causal, q.shape[1]):
+        with timed_compute(q[:, rows], k_block, block_causal):
+            block_out, block_lse = attention_fwd(q[:, rows], k_block, v_block, block_causal, scale)
         if out is None:
             out, lse = block_out.to(acc), block_lse.to(acc)
         else:
             _merge_(out[:, rows], lse[:, :, rows], block_out, block_lse)
-        _wait(pending)
-        if pending:
-            kv = incoming
     return out.to(q.dtype), lse
 
 
@@ -133,38 +145,22 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     """Gradients (dq, dk, dv) like (q, k, v) of :func:`ring_forward` given dout and its (out, lse)."""
     acc = compute_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv = _pack(k, v)
-    dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
-    dkv_incoming = dkv
-    dkv_pending: list[dist.Work] = []
-    size = _ring_size(comm)
-    for step in range(size):
-        kv_pending = []
-        if step + 1 < size:
-            kv_incoming = torch.empty_like(kv)
-            kv_pending = comm.exchange(kv, kv_incoming, _KV_TAG)
-        k_block, v_block = _unpack(kv, k.shape)
-        rows, keys, block_causal = _block(step, comm, causal, q.shape[1])
-        with timed_compute():
+    dkv = torch.zeros(2 * k.numel(), dtype=acc, device=k.device)
+    dkv_transfer = None
+    for k_block, v_block, rows, keys, block_causal in _kv_blocks(k, v, comm, causal, q.shape[1]):
+        with timed_compute(q[:, rows], k_block, block_causal, backward=True):
             dq_block, dk_block, dv_block = attention_bwd(
-                dout[:, rows], q[:, rows], k_block[:, keys], v_block[:, keys], out[:, rows], lse[:, :, rows],
-                block_causal, scale)
+                dout[:, rows], q[:, rows], k_block, v_block, out[:, rows], lse[:, :, rows], block_causal, scale)
         dq[:, rows] += dq_block
-        _wait(dkv_pending)
-        if dkv_pending:
-            dkv = dkv_incoming
+        if dkv_transfer is not None:
+            dkv = dkv_transfer.wait()
         dk_acc, dv_acc = _unpack(dkv, k.shape)
         dk_acc[:, keys] += dk_block
         dv_acc[:, keys] += dv_block
-        if size > 1:
-            dkv_incoming = torch.empty_like(dkv)
-            dkv_pending = comm.exchange(dkv, dkv_incoming, _DKV_TAG)
-        _wait(kv_pending)
-        if kv_pending:
-            kv = kv_incoming
-    _wait(dkv_pending)
-    if dkv_pending:
-        dkv = dkv_incoming
+        if _ring_size(comm) > 1:
+            dkv_transfer = _Transfer(comm, dkv, _DKV_TAG)
+    if dkv_transfer is not None:
+        dkv = dkv_transfer.wait()
     dk, dv = _unpack(dkv, k.shape)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 

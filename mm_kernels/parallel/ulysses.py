@@ -58,26 +58,19 @@ def _heads_to_seq(xs: tuple[Tensor, ...], group: dist.ProcessGroup) -> tuple[Ten
     return tuple(t.reshape(batch, seq // degree, degree * t.shape[3], dim) for t in recv.split(sizes, dim=3))
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """Sequence-to-heads (``to_heads``) or heads-to-sequence exchange of several tensors; the backward is
+    the inverse exchange of their gradients."""
+
     @staticmethod
-    def forward(ctx, group, *xs):
-        ctx.group = group
-        return _seq_to_heads(xs, group)
+    def forward(ctx, group, to_heads, *xs):
+        ctx.group, ctx.to_heads = group, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(xs, group)
 
     @staticmethod
     def backward(ctx, *grads):
-        return None, *_heads_to_seq(tuple(g.contiguous() for g in grads), ctx.group)
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, group, *xs):
-        ctx.group = group
-        return _heads_to_seq(xs, group)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return None, *_seq_to_heads(tuple(g.contiguous() for g in grads), ctx.group)
+        grads = tuple(g.contiguous() for g in grads)
+        return None, None, *(_heads_to_seq if ctx.to_heads else _seq_to_heads)(grads, ctx.group)
 
 
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup,
@@ -92,6 +85,6 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup,
     if k.shape[2] < degree:
         repeats = degree // k.shape[2]
         k, v = k.repeat_interleave(repeats, dim=2), v.repeat_interleave(repeats, dim=2)
-    q_heads, k_heads, v_heads = _SeqToHeads.apply(group, q, k, v)
-    (out,) = _HeadsToSeq.apply(group, attend(q_heads, k_heads, v_heads))
+    q_heads, k_heads, v_heads = _AllToAll.apply(group, True, q, k, v)
+    (out,) = _AllToAll.apply(group, False, attend(q_heads, k_heads, v_heads))
     return out

@@ -27,6 +27,31 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(base, rows, stride_s, offs_d, seq, head_dim):
+    """Rows ``rows`` of the [seq, head_dim] slice at ``base`` as a tile, zeros outside it."""
+    mask = (rows[:, None] < seq) & (offs_d[None, :] < head_dim)
+    return tl.load(base + rows[:, None] * stride_s + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _visible(rows, cols, seq_k, CAUSAL: tl.constexpr):
+    """[rows, cols] mask of the keys each query sees (rows past the sequence hold zeros, no mask needed)."""
+    keep = (cols[None, :] < seq_k) & (rows[:, None] >= 0)
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= rows[:, None])
+    return keep
+
+
+@triton.jit
+def _query_block(heads_q, group, BLOCK_M: tl.constexpr):
+    """This program's query block: (block index, batch * head index, batch, head, key/value head, rows)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    h = pid_bh % heads_q
+    return pid_m, pid_bh, pid_bh // heads_q, h, h // group, pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, LSE,
     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
@@ -34,18 +59,9 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // heads_q
-    h = pid_bh % heads_q
-    hk = h // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    pid_m, pid_bh, b, h, hk, rows = _query_block(heads_q, group, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < seq_q
-    d_ok = offs_d < head_dim
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_rows(Q + b * sqb + h * sqh, rows, sqs, offs_d, seq_q, head_dim)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
@@ -53,27 +69,31 @@ def _attn_fwd_kernel(
     if CAUSAL:
         end = tl.minimum(seq_k, (pid_m + 1) * BLOCK_M)
     for start_n in range(0, end, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < seq_k
-        kt = tl.load(K + b * skb + hk * skh + cols[None, :] * sks + offs_d[:, None],
-                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        s = _dot(q, kt, PRECISION, UPCAST).to(ACC) * scale
-        keep = col_ok[None, :]
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None])
-        s = tl.where(keep, s, float("-inf"))
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K + b * skb + hk * skh, cols, sks, offs_d, seq_k, head_dim)
+        v = _load_rows(V + b * svb + hk * svh, cols, svs, offs_d, seq_k, head_dim)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST).to(ACC) * scale
+        s = tl.where(_visible(rows, cols, seq_k, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * svb + hk * svh + cols[:, None] * svs + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST).to(ACC)
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(Out + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + pid_bh * seq_q + offs_m, m_i + tl.log(l_i), mask=row_ok)
+    mask = (rows[:, None] < seq_q) & (offs_d[None, :] < head_dim)
+    tl.store(Out + b * sob + h * soh + rows[:, None] * sos + offs_d[None, :], out.to(Out.dtype.element_ty), mask=mask)
+    tl.store(LSE + pid_bh * seq_q + rows, m_i + tl.log(l_i), mask=rows < seq_q)
+
+
+@triton.jit
+def _block_grads(q, k, v, do, lse, delta, rows, cols, seq_k, scale,
+                 CAUSAL: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Probabilities P [rows, cols] (against the given lse) and dS = P * (dO V^T - delta)."""
+    s = _dot(q, tl.trans(k), PRECISION, UPCAST).to(ACC) * scale
+    p = tl.where(_visible(rows, cols, seq_k, CAUSAL), tl.exp(s - lse[:, None]), 0.0)
+    dp = _dot(do, tl.trans(v), PRECISION, UPCAST).to(ACC)
+    return p, p * (dp - delta[:, None])
 
 
 @triton.jit
@@ -88,14 +108,10 @@ def _attn_bwd_dkdv_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // heads_kv
     hk = pid_bh % heads_kv
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    col_ok = offs_n < seq_k
-    d_ok = offs_d < head_dim
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = _load_rows(K + b * skb + hk * skh, cols, sks, offs_d, seq_k, head_dim)
+    v = _load_rows(V + b * svb + hk * svh, cols, svs, offs_d, seq_k, head_dim)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     first = 0
@@ -104,25 +120,18 @@ def _attn_bwd_dkdv_kernel(
     for g in range(0, group):
         h = hk * group + g
         for start_m in range(first, seq_q, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < seq_q
-            q_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqs + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sds + offs_d[None, :], mask=q_mask, other=0.0)
-            lse = tl.load(LSE + (b * heads_q + h) * seq_q + rows, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + (b * heads_q + h) * seq_q + rows, mask=row_ok, other=0.0)
-            s = _dot(q, tl.trans(k), PRECISION, UPCAST).to(ACC) * scale
-            keep = row_ok[:, None] & col_ok[None, :]
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= rows[:, None])
-            p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+            rows = start_m + tl.arange(0, BLOCK_M)
+            q = _load_rows(Q + b * sqb + h * sqh, rows, sqs, offs_d, seq_q, head_dim)
+            do = _load_rows(DO + b * sdb + h * sdh, rows, sds, offs_d, seq_q, head_dim)
+            lse = tl.load(LSE + (b * heads_q + h) * seq_q + rows, mask=rows < seq_q, other=0.0)
+            delta = tl.load(DELTA + (b * heads_q + h) * seq_q + rows, mask=rows < seq_q, other=0.0)
+            p, ds = _block_grads(q, k, v, do, lse, delta, rows, cols, seq_k, scale, CAUSAL, ACC, PRECISION, UPCAST)
             dv += _dot(tl.trans(p).to(do.dtype), do, PRECISION, UPCAST).to(ACC)
-            dp = _dot(do, tl.trans(v), PRECISION, UPCAST).to(ACC)
-            ds = p * (dp - delta[:, None])
             dk += _dot(tl.trans(ds).to(q.dtype), q, PRECISION, UPCAST).to(ACC)
-    out_off = (b * seq_k + offs_n[:, None]) * heads_kv * head_dim + hk * head_dim + offs_d[None, :]
-    tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    mask = (cols[:, None] < seq_k) & (offs_d[None, :] < head_dim)
+    out_off = (b * seq_k + cols[:, None]) * heads_kv * head_dim + hk * head_dim + offs_d[None, :]
+    tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -133,41 +142,25 @@ def _attn_bwd_dq_kernel(
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // heads_q
-    h = pid_bh % heads_q
-    hk = h // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    pid_m, pid_bh, b, h, hk, rows = _query_block(heads_q, group, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < seq_q
-    d_ok = offs_d < head_dim
-    q_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :], mask=q_mask, other=0.0)
-    lse = tl.load(LSE + pid_bh * seq_q + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + pid_bh * seq_q + offs_m, mask=row_ok, other=0.0)
+    q = _load_rows(Q + b * sqb + h * sqh, rows, sqs, offs_d, seq_q, head_dim)
+    do = _load_rows(DO + b * sdb + h * sdh, rows, sds, offs_d, seq_q, head_dim)
+    lse = tl.load(LSE + pid_bh * seq_q + rows, mask=rows < seq_q, other=0.0)
+    delta = tl.load(DELTA + pid_bh * seq_q + rows, mask=rows < seq_q, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     end = seq_k
     if CAUSAL:
         end = tl.minimum(seq_k, (pid_m + 1) * BLOCK_M)
     for start_n in range(0, end, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < seq_k
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + b * skb + hk * skh + cols[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + b * svb + hk * svh + cols[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST).to(ACC) * scale
-        keep = row_ok[:, None] & col_ok[None, :]
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None])
-        p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), PRECISION, UPCAST).to(ACC)
-        ds = p * (dp - delta[:, None])
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K + b * skb + hk * skh, cols, sks, offs_d, seq_k, head_dim)
+        v = _load_rows(V + b * svb + hk * svh, cols, svs, offs_d, seq_k, head_dim)
+        _, ds = _block_grads(q, k, v, do, lse, delta, rows, cols, seq_k, scale, CAUSAL, ACC, PRECISION, UPCAST)
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST).to(ACC)
-    out_off = (b * seq_q + offs_m[:, None]) * heads_q * head_dim + h * head_dim + offs_d[None, :]
-    tl.store(DQ + out_off, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    mask = (rows[:, None] < seq_q) & (offs_d[None, :] < head_dim)
+    out_off = (b * seq_q + rows[:, None]) * heads_q * head_dim + h * head_dim + offs_d[None, :]
+    tl.store(DQ + out_off, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
 
 
 def _unit_last_stride(x: Tensor) -> Tensor:
