@@ -4,9 +4,10 @@ Each rank holds the zigzag chunks (r, 2n-1-r) of q, k and v (see ``layout``). At
 its queries to the key/value block of rank (r - i) mod n while the next block is in flight
 (isend/irecv posted before the compute, waited after it). With a causal mask:
 - step 0, its own block: causal attention over its two chunks (their order is the global order);
-- a block from an earlier rank: all queries see the block's first chunk only, unmasked;
-- a block from a later rank: only the second query chunk sees it, the whole block unmasked.
-So every rank does one causal block and n-1 half blocks: the same work on every rank.
+- a block from an earlier rank: both query chunks see the block's first chunk only, unmasked;
+- a block from a later rank: only the second query chunk sees it, both chunks unmasked.
+The half blocks are computed as two chunk x chunk blocks, so every rank runs one causal block and
+2(n-1) unmasked blocks of one shape: the same work, and the same kernel shapes, on every rank.
 
 Partial results are merged with their log-sum-exp in fp32 (fp64 for fp64), in the overflow-free
 form  out -= sigmoid(lse_b - lse) * (out - out_b);  lse -= logsigmoid(lse - lse_b).
@@ -76,15 +77,15 @@ class _Transfer:
         return self._recv
 
 
-def _block(step: int, comm: RingComm | None, causal: bool, seq: int) -> tuple[slice, slice, bool]:
-    """(query rows, key rows, causal) of the block seen at ``step`` (see the module docstring)."""
+def _blocks(step: int, comm: RingComm | None, causal: bool, seq: int) -> list[tuple[slice, slice, bool]]:
+    """(query rows, key rows, causal) of the blocks computed at ``step`` (see the module docstring)."""
     everything = slice(None)
     if step == 0 or not causal:
-        return everything, everything, causal and step == 0
-    half = seq // 2
+        return [(everything, everything, causal and step == 0)]
+    first, second = slice(0, seq // 2), slice(seq // 2, None)
     if (comm.rank - step) % comm.size < comm.rank:
-        return everything, slice(0, half), False
-    return slice(half, None), everything, False
+        return [(first, first, False), (second, first, False)]
+    return [(second, first, False), (second, second, False)]
 
 
 def _pack(k: Tensor, v: Tensor) -> Tensor:
@@ -108,16 +109,14 @@ def _ring_size(comm: RingComm | None) -> int:
     return 1 if comm is None else comm.size
 
 
-def _kv_blocks(k: Tensor, v: Tensor, comm: RingComm | None, causal: bool, seq: int):
-    """Yields (k block, v block, query rows, key rows, causal) for each ring step; the next step's K/V
-    transfer is in flight while the caller computes on the current block."""
+def _kv_steps(k: Tensor, v: Tensor, comm: RingComm | None, causal: bool, seq: int):
+    """Yields (k, v, blocks) for each ring step: the step's K/V and its :func:`_blocks`; the next step's
+    K/V transfer is in flight while the caller computes on the current one."""
     kv = _pack(k, v)
     size = _ring_size(comm)
     for step in range(size):
         transfer = _Transfer(comm, kv, _KV_TAG) if step + 1 < size else None
-        k_all, v_all = _unpack(kv, k.shape)
-        rows, keys, block_causal = _block(step, comm, causal, seq)
-        yield k_all[:, keys], v_all[:, keys], rows, keys, block_causal
+        yield *_unpack(kv, k.shape), _blocks(step, comm, causal, seq)
         if transfer is not None:
             kv = transfer.wait()
 
@@ -130,13 +129,14 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, comm: RingComm | None, causal:
     """
     acc = compute_dtype(q.dtype)
     out = lse = None
-    for k_block, v_block, rows, _, block_causal in _kv_blocks(k, v, comm, causal, q.shape[1]):
-        with timed_compute(q[:, rows], k_block, block_causal):
-            block_out, block_lse = attention_fwd(q[:, rows], k_block, v_block, block_causal, scale)
-        if out is None:
-            out, lse = block_out.to(acc), block_lse.to(acc)
-        else:
-            _merge_(out[:, rows], lse[:, :, rows], block_out, block_lse)
+    for k_step, v_step, blocks in _kv_steps(k, v, comm, causal, q.shape[1]):
+        for rows, keys, block_causal in blocks:
+            with timed_compute(q[:, rows], k_step[:, keys], block_causal):
+                block_out, block_lse = attention_fwd(q[:, rows], k_step[:, keys], v_step[:, keys], block_causal, scale)
+            if out is None:
+                out, lse = block_out.to(acc), block_lse.to(acc)
+            else:
+                _merge_(out[:, rows], lse[:, :, rows], block_out, block_lse)
     return out.to(q.dtype), lse
 
 
@@ -147,16 +147,21 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dkv = torch.zeros(2 * k.numel(), dtype=acc, device=k.device)
     dkv_transfer = None
-    for k_block, v_block, rows, keys, block_causal in _kv_blocks(k, v, comm, causal, q.shape[1]):
-        with timed_compute(q[:, rows], k_block, block_causal, backward=True):
-            dq_block, dk_block, dv_block = attention_bwd(
-                dout[:, rows], q[:, rows], k_block, v_block, out[:, rows], lse[:, :, rows], block_causal, scale)
-        dq[:, rows] += dq_block
+    for k_step, v_step, blocks in _kv_steps(k, v, comm, causal, q.shape[1]):
+        kv_grads = []
+        for rows, keys, block_causal in blocks:
+            with timed_compute(q[:, rows], k_step[:, keys], block_causal, backward=True):
+                dq_block, dk_block, dv_block = attention_bwd(dout[:, rows], q[:, rows], k_step[:, keys],
+                                                             v_step[:, keys], out[:, rows], lse[:, :, rows],
+                                                             block_causal, scale)
+            dq[:, rows] += dq_block
+            kv_grads.append((keys, dk_block, dv_block))
         if dkv_transfer is not None:
             dkv = dkv_transfer.wait()
         dk_acc, dv_acc = _unpack(dkv, k.shape)
-        dk_acc[:, keys] += dk_block
-        dv_acc[:, keys] += dv_block
+        for keys, dk_block, dv_block in kv_grads:
+            dk_acc[:, keys] += dk_block
+            dv_acc[:, keys] += dv_block
         if _ring_size(comm) > 1:
             dkv_transfer = _Transfer(comm, dkv, _DKV_TAG)
     if dkv_transfer is not None:
