@@ -45,3 +45,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     """Compares ``actual`` with an fp32/fp64 ``expected`` using the tolerance of ``dtype``."""
     torch.testing.assert_close(actual.to(expected.dtype), expected, **tolerance(dtype, scale),
                                msg=lambda m: f"{name}: {m}")
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| in fp64; the absolute error when expected is all zeros."""
+    if expected.numel() == 0:
+        return 0.0
+    diff = (actual.double() - expected.double()).abs().max().item()
+    largest = expected.double().abs().max().item()
+    return diff / largest if largest > 0 else diff
