@@ -156,7 +156,7 @@ def format_table(results: Sequence[BenchResult]) -> str:
          fmt(r.gbps, ".1f"), fmt(r.copy_gbps, ".1f"), fmt(r.pct_of_copy, ".0f"), fmt(r.peak_mem_mb, ".1f")]
         for r in results
     ]
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join(lines)
