@@ -12,7 +12,7 @@ import mm_kernels
 from mm_kernels.nn import FusedRMSNorm
 from mm_kernels.ops import rms_norm as rms_norm_ops
 from mm_kernels.reference import rms_norm as reference
-from tests.helpers import DTYPES, assert_close, cpu_backends
+from tests.helpers import DTYPES, assert_close, cpu_backends, device_for
 
 EPS = 1e-6
 CASTINGS = ("llama", "gemma", "none")
@@ -42,14 +42,22 @@ def _oracle(x, weight, dy, casting="llama", offset=0.0):
     return y.detach(), rstd.detach(), grads[0], (grads[1] if w64 is not None else None)
 
 
+def _leaf(t, backend):
+    """A fresh leaf copy of ``t`` (strides kept) on the device ``backend`` runs on."""
+    return None if t is None else t.detach().to(device_for(backend), copy=True).requires_grad_()
+
+
+def _cpu(*tensors):
+    return tuple(None if t is None else t.detach().cpu() for t in tensors)
+
+
 def _run(backend, x, weight, dy, casting="llama", offset=0.0):
-    """Forward and backward through the public API on ``backend``: (y, rstd, dx, dweight or None)."""
-    x = x.detach().clone().requires_grad_()
-    weight = None if weight is None else weight.detach().clone().requires_grad_()
+    """Forward and backward through the public API on ``backend``: (y, rstd, dx, dweight or None) on CPU."""
+    x, weight = _leaf(x, backend), _leaf(weight, backend)
     with mm_kernels.use_backend(backend):
         y, rstd = mm_kernels.rms_norm_with_rstd(x, weight, EPS, casting, offset)
-        grads = torch.autograd.grad(y, [t for t in (x, weight) if t is not None], dy)
-    return y, rstd, grads[0], (grads[1] if weight is not None else None)
+        grads = torch.autograd.grad(y, [t for t in (x, weight) if t is not None], dy.to(x.device))
+    return _cpu(y, rstd, grads[0], grads[1] if weight is not None else None)
 
 
 def _check_against_oracle(got, expected, dtype, rows, weight_dtype=None):
@@ -122,10 +130,12 @@ def test_non_contiguous_input(backend):
 def test_add_rms_norm(backend, dtype):
     x, weight, dy = _inputs((5, 96), dtype)
     residual = _inputs((5, 96), dtype, seed=1)[0]
-    xs, rs, ws = (t.clone().requires_grad_() for t in (x, residual, weight))
+    xs, rs, ws = (_leaf(t, backend) for t in (x, residual, weight))
     with mm_kernels.use_backend(backend):
         y, rstd, summed = mm_kernels.add_rms_norm(xs, rs, ws, EPS)
-        dx, dres, dweight = torch.autograd.grad((y, summed), (xs, rs, ws), (dy, dy))
+        dy_dev = dy.to(xs.device)
+        y, rstd, summed, dx, dres, dweight = _cpu(
+            y, rstd, summed, *torch.autograd.grad((y, summed), (xs, rs, ws), (dy_dev, dy_dev)))
     assert summed.dtype == dtype
     # The Triton interpreter truncates fp32 -> bf16 instead of rounding: one bf16 step.
     one_step = torch.finfo(dtype).eps if backend == "triton" and dtype == torch.bfloat16 else 0.0
@@ -196,8 +206,8 @@ def test_triton_rows_longer_than_one_block(monkeypatch):
     _check_against_oracle(_run("triton", x, weight, dy), _oracle(x, weight, dy), torch.float32, rows=3)
     residual = _inputs((3, 100), torch.float32, seed=2)[0]
     with mm_kernels.use_backend("triton"):
-        y, _, summed = mm_kernels.add_rms_norm(x, residual, weight, EPS)
-    assert_close(y, _oracle(x + residual, weight, dy)[0], torch.float32, name="y")
+        y, _, summed = _cpu(*mm_kernels.add_rms_norm(*(_leaf(t, "triton") for t in (x, residual, weight)), EPS))
+    assert_close(y, _oracle(summed, weight, dy)[0], torch.float32, name="y")
 
 
 def test_npu_backend_computes_uncovered_combinations_with_the_reference():
