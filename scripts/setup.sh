@@ -6,12 +6,19 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
+
+pip_install() {
+  # pip's notices about unused local index paths are noise here.
+  python -m pip install -q -c scripts/constraints.txt "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
+  return "${PIPESTATUS[0]}"
+}
+
+pip_install --upgrade pip
 # torch first and pinned, so that nothing later pulls another build of it.
-python -m pip install -q torch==2.13.0
-python -m pip install -q -c scripts/constraints.txt setuptools wheel ninja pybind11
-python -m pip install -q -c scripts/constraints.txt --no-build-isolation -e ".[test,bench]"
+pip_install torch==2.13.0 numpy
+pip_install setuptools wheel ninja pybind11
+pip_install --no-build-isolation -e ".[test,bench]"
 # Triton (the [gpu] extra) only if it leaves the pinned torch alone.
-if python -m pip install -q -c scripts/constraints.txt --dry-run "triton>=3.2" 2>/dev/null; then
-  python -m pip install -q -c scripts/constraints.txt "triton>=3.2" || echo "triton not installed: Triton tests will be skipped"
+if python -m pip install -q -c scripts/constraints.txt --dry-run "triton>=3.2" >/dev/null 2>&1; then
+  pip_install "triton>=3.2" || echo "triton not installed: the Triton tests will be skipped"
 fi

@@ -36,3 +36,20 @@ def check_same_device(**tensors: Tensor | None) -> None:
     if len(devices) > 1:
         where = ", ".join(f"{name} on {t.device}" for name, t in present.items())
         raise ValueError(f"tensors must be on one device: {where}")
+
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_index(name: str, value: object) -> Tensor:
+    """Raises TypeError unless ``value`` is an int32 or int64 tensor."""
+    tensor = check_tensor(name, value)
+    if tensor.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {tensor.dtype}")
+    return tensor
+
+
+def check_shape(name: str, tensor: Tensor, ndim: int, layout: str) -> None:
+    """Raises ValueError unless ``tensor`` has exactly ``ndim`` dimensions (``layout`` names them)."""
+    if tensor.dim() != ndim:
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(tensor.shape)}")

@@ -1,0 +1,45 @@
+// Branch-free fp32 exp and sigmoid that the compiler vectorises (no libm calls, no lookup
+// tables), for the activation kernels. NaN stays NaN.
+#pragma once
+
+#include <cstdint>
+
+#include "dtype_convert.h"
+
+namespace mmk {
+
+// exp(x) for x <= 0, within 2 ulp of expf down to -87; smaller x give exp(-87) (~1.6e-38, the
+// smallest result kept a normal float).
+inline float exp_nonpositive_f32(float x) {
+  constexpr float kMin = -87.0f;
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  // Adding 1.5 * 2^23 rounds to an integer held in the low mantissa bits.
+  constexpr float kRoundMagic = 12582912.0f;
+  x = x < kMin ? kMin : x;  // a comparison, not fmaxf: NaN must pass through
+  const float shifted = x * kLog2e + kRoundMagic;
+  const float n = shifted - kRoundMagic;
+  // n + 127 in the exponent field is 2^n (unsigned arithmetic: no overflow even for NaN).
+  const uint32_t scale_bits = (float_to_bits(shifted) - float_to_bits(kRoundMagic) + 127u) << 23;
+  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
+  // Minimax polynomial for exp(r) on |r| <= ln(2)/2 (Cephes expf coefficients).
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * bits_to_float(scale_bits);
+}
+
+// 1 / (1 + exp(-x)), from e = exp(-|x|) so that exp never overflows:
+// 1 / (1 + e) for x >= 0, e / (1 + e) below.
+inline float sigmoid_f32(float x) {
+  const float e = exp_nonpositive_f32(bits_to_float(float_to_bits(x) | 0x80000000u));
+  const float r = 1.0f / (1.0f + e);
+  return x >= 0.0f ? r : e * r;
+}
+
+}  // namespace mmk

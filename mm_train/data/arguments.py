@@ -1,0 +1,64 @@
+"""Data and tokenizer flags of mm_train, and parsing of the values that need more than argparse."""
+
+from __future__ import annotations
+
+import argparse
+
+from mm_train.data.tokenizer import TOKENIZER_TYPES
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Adds --data-path, --split, --tokenizer-type, --tokenizer-model, --vocab-size, --num-workers,
+    --variable-seq-lengths and --mock-data to ``parser``."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-path", nargs="*", default=None,
+                       help="Prefixes of Megatron indexed datasets (.bin/.idx), optionally weighted: "
+                            "'P1 P2' or 'W1 P1 W2 P2'. Default: the corpus that ships with mm_train.")
+    group.add_argument("--split", default="969,30,1",
+                       help="Train,valid,test weights splitting the documents of each dataset.")
+    group.add_argument("--tokenizer-type", default="ByteTokenizer", choices=TOKENIZER_TYPES)
+    group.add_argument("--tokenizer-model", default=None,
+                       help="Local directory of a Hugging Face tokenizer (with HuggingFaceTokenizer).")
+    group.add_argument("--vocab-size", type=int, default=None,
+                       help="Vocabulary size; at least the tokenizer's (default: the tokenizer's).")
+    group.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes (0: none).")
+    group.add_argument("--variable-seq-lengths", action="store_true",
+                       help="One document per sample, batches padded to their longest sample.")
+    group.add_argument("--mock-data", action="store_true", help="Random tokens instead of a dataset.")
+
+
+def parse_split(split: str) -> tuple[float, float, float]:
+    """Normalised (train, valid, test) fractions of ``split`` ("969,30,1", "98,2" or "1")."""
+    try:
+        weights = [float(part) for part in split.replace("/", ",").split(",")]
+    except ValueError:
+        raise ValueError(f"--split must be comma-separated numbers like '969,30,1', got {split!r}") from None
+    if not 1 <= len(weights) <= 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"--split must be 1 to 3 non-negative weights with a positive sum, got {split!r}")
+    weights += [0.0] * (3 - len(weights))
+    total = sum(weights)
+    return weights[0] / total, weights[1] / total, weights[2] / total
+
+
+def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None]:
+    """Prefixes and weights of --data-path: 'P1 P2' gives weights None, 'W1 P1 W2 P2' gives [W1, W2]."""
+    if not data_path:
+        raise ValueError("--data-path needs at least one prefix")
+
+    def as_weight(text: str) -> float | None:
+        try:
+            return float(text)
+        except ValueError:
+            return None
+
+    if as_weight(data_path[0]) is None:
+        if any(as_weight(item) is not None for item in data_path):
+            raise ValueError(f"--data-path mixes weights and prefixes: {' '.join(data_path)}")
+        return list(data_path), None
+    if len(data_path) % 2:
+        raise ValueError(f"--data-path with weights needs 'W1 P1 W2 P2 ...' pairs, got {' '.join(data_path)}")
+    weights = [as_weight(item) for item in data_path[0::2]]
+    prefixes = data_path[1::2]
+    if any(w is None or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"--data-path weights must be non-negative numbers with a positive sum: {' '.join(data_path)}")
+    return prefixes, weights

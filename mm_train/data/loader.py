@@ -1,0 +1,218 @@
+"""Train/valid iterators over micro-batches for one data-parallel rank.
+
+Global batch i is samples [i * global_batch_size, (i + 1) * global_batch_size) of the stream. Rank r of
+dp_size takes the r-th contiguous slice of it and cuts that into micro-batches, so concatenating the
+ranks' micro-batches in rank order gives the single-rank global batch, for any dp_size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from mm_train.data.arguments import parse_data_path, parse_split
+from mm_train.data.documents import (
+    ConcatenatedDocuments,
+    IndexedDocuments,
+    default_corpus_path,
+    split_ranges,
+    text_file_documents,
+)
+from mm_train.data.samples import BlendedStream, DocumentStream, MockStream, PackedStream
+
+TRAIN, VALID = 0, 1
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's micro-batches as lists of (sample number, padded length), forever.
+
+    Starts at global batch ``consumed_samples // global_batch_size``. The padded length is
+    ``seq_length``, or with ``variable_lengths`` the longest sample of the global batch minus one,
+    rounded up to ``pad_multiple``.
+    """
+
+    def __init__(self, stream, consumed_samples: int, seq_length: int, micro_batch_size: int,
+                 global_batch_size: int, dp_rank: int, dp_size: int, variable_lengths: bool,
+                 pad_multiple: int = 1) -> None:
+        if consumed_samples < 0 or consumed_samples % global_batch_size:
+            raise ValueError(f"consumed_train_samples must be a non-negative multiple of the global batch size "
+                             f"{global_batch_size}, got {consumed_samples}")
+        self._stream = stream
+        self._first_batch = consumed_samples // global_batch_size
+        self._seq_length = seq_length
+        self._micro_batch_size = micro_batch_size
+        self._global_batch_size = global_batch_size
+        self._per_rank = global_batch_size // dp_size
+        self._dp_rank = dp_rank
+        self._variable_lengths = variable_lengths
+        self._pad_multiple = pad_multiple
+
+    def _padded_length(self, first: int) -> int:
+        if not self._variable_lengths:
+            return self._seq_length
+        longest = max(self._stream.length(first + i) for i in range(self._global_batch_size)) - 1
+        return -(-longest // self._pad_multiple) * self._pad_multiple
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        batch = self._first_batch
+        while True:
+            first = batch * self._global_batch_size
+            length = self._padded_length(first)
+            rank_first = first + self._dp_rank * self._per_rank
+            for start in range(rank_first, rank_first + self._per_rank, self._micro_batch_size):
+                yield [(k, length) for k in range(start, start + self._micro_batch_size)]
+            batch += 1
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    """Turns (sample number, padded length) into the tensors of one sample.
+
+    ``tokens`` ids[:-1] and ``labels`` ids[1:], padded with ``pad_id`` to the length; ``loss_mask``
+    1.0 on real positions and 0.0 on padding; ``position_ids`` 0..length-1.
+    """
+
+    def __init__(self, stream, pad_id: int, vocab_size: int, source: str) -> None:
+        self._stream = stream
+        self._pad_id = pad_id
+        self._vocab_size = vocab_size
+        self._source = source
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
+        k, length = item
+        ids = self._stream.sample(k)
+        if len(ids) and int(ids.max()) >= self._vocab_size:
+            raise ValueError(f"token id {int(ids.max())} of {self._source} is outside the vocabulary of "
+                             f"{self._vocab_size}: was the data built with another tokenizer?")
+        real = len(ids) - 1
+        tokens = np.full(length, self._pad_id, dtype=np.int64)
+        labels = np.full(length, self._pad_id, dtype=np.int64)
+        tokens[:real] = ids[:-1]
+        labels[:real] = ids[1:]
+        loss_mask = np.zeros(length, dtype=np.float32)
+        loss_mask[:real] = 1.0
+        return {
+            "tokens": torch.from_numpy(tokens),
+            "labels": torch.from_numpy(labels),
+            "loss_mask": torch.from_numpy(loss_mask),
+            "position_ids": torch.arange(length, dtype=torch.int64),
+        }
+
+
+def _split_streams(documents, args: argparse.Namespace, dataset_id: int) -> list:
+    """Train and valid streams of one document collection; None where the split has nothing to sample."""
+    ranges = split_ranges(len(documents.lengths), parse_split(args.split))
+    kind = DocumentStream if args.variable_seq_lengths else PackedStream
+    shortest = 2 if args.variable_seq_lengths else 1
+    streams = []
+    for split in (TRAIN, VALID):
+        document_ids = np.arange(*ranges[split])
+        usable = bool(np.any(documents.lengths[document_ids] >= shortest))
+        streams.append(kind(documents, document_ids, args.seq_length, args.seed, (dataset_id, split))
+                       if usable else None)
+    return streams
+
+
+def _collections(args: argparse.Namespace, tokenizer) -> tuple[list, list[float] | None, str]:
+    """Document collections to blend, their weights (None: one collection), and a name for messages."""
+    if not args.data_path:
+        return [text_file_documents(default_corpus_path(), tokenizer)], None, "the default corpus"
+    prefixes, weights = parse_data_path(args.data_path)
+    parts = [IndexedDocuments(prefix) for prefix in prefixes]
+    if weights is None:
+        return [ConcatenatedDocuments(parts) if len(parts) > 1 else parts[0]], None, "--data-path"
+    return parts, weights, "--data-path"
+
+
+def build_sample_streams(args: argparse.Namespace, tokenizer) -> tuple[object, object | None, str]:
+    """Train stream, valid stream (None when the valid split is empty) and a name of the data source."""
+    if args.mock_data:
+        if args.data_path:
+            raise ValueError("--mock-data and --data-path exclude each other")
+        train, valid = (MockStream(tokenizer.vocab_size, args.seq_length, args.variable_seq_lengths, args.seed,
+                                   (0, split)) for split in (TRAIN, VALID))
+        return train, valid, "--mock-data"
+    collections, weights, source = _collections(args, tokenizer)
+    per_collection = [_split_streams(documents, args, dataset_id) for dataset_id, documents in enumerate(collections)]
+    if weights is None:
+        train, valid = per_collection[0]
+    else:
+        train, valid = (_blend([streams[split] for streams in per_collection], weights) for split in (TRAIN, VALID))
+    if train is None:
+        unit = "document of at least 2 tokens" if args.variable_seq_lengths else "token"
+        raise ValueError(f"the train split of {source} (--split {args.split}) holds no {unit}")
+    return train, valid, source
+
+
+def _blend(streams: list, weights: list[float]):
+    """Blend of the streams that exist, with their weights; None when none has data."""
+    kept = [(stream, weight) for stream, weight in zip(streams, weights, strict=True) if stream is not None and weight > 0]
+    if not kept:
+        return None
+    return BlendedStream([stream for stream, _ in kept], [weight for _, weight in kept])
+
+
+def _pad_multiple(args: argparse.Namespace) -> int:
+    """Multiple that padded lengths keep: TP size with sequence parallel, 2 x CP size with context parallel."""
+    multiple = 1
+    if getattr(args, "sequence_parallel", False):
+        multiple = math.lcm(multiple, getattr(args, "tensor_model_parallel_size", 1))
+    context_parallel = getattr(args, "context_parallel_size", 1)
+    if context_parallel > 1:
+        multiple = math.lcm(multiple, 2 * context_parallel)
+    return multiple
+
+
+def _check_args(args: argparse.Namespace, dp_rank: int, dp_size: int) -> None:
+    if args.seq_length < 1:
+        raise ValueError(f"--seq-length must be positive, got {args.seq_length}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be non-negative, got {args.seed}")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be non-negative, got {args.num_workers}")
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
+    if args.micro_batch_size < 1 or args.global_batch_size % (args.micro_batch_size * dp_size):
+        raise ValueError(f"--global-batch-size {args.global_batch_size} must be a multiple of "
+                         f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp_size}")
+
+
+def _iterate(stream, source: str, tokenizer, args: argparse.Namespace, consumed: int, dp_rank: int,
+             dp_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    sampler = GlobalBatchSampler(stream, consumed, args.seq_length, args.micro_batch_size, args.global_batch_size,
+                                 dp_rank, dp_size, args.variable_seq_lengths, _pad_multiple(args))
+    dataset = SampleDataset(stream, tokenizer.pad, tokenizer.vocab_size, source)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                                         persistent_workers=args.num_workers > 0)
+    return iter(loader)
+
+
+def consumed_valid_samples(args: argparse.Namespace, consumed_train_samples: int) -> int:
+    """Valid samples an uninterrupted run has evaluated after ``consumed_train_samples`` train samples."""
+    eval_interval = getattr(args, "eval_interval", None)
+    if not eval_interval:
+        return 0
+    iteration = consumed_train_samples // args.global_batch_size
+    return (iteration // eval_interval) * getattr(args, "eval_iters", 0) * args.global_batch_size
+
+
+def build_data_iterators(args: argparse.Namespace, tokenizer, consumed_train_samples: int, dp_rank: int,
+                         dp_size: int) -> tuple[Iterator[dict[str, torch.Tensor]], Iterator[dict[str, torch.Tensor]] | None]:
+    """Train and valid iterators over micro-batches of data-parallel rank ``dp_rank`` of ``dp_size``.
+
+    Each item: ``tokens`` int64 [mbs, s], ``labels`` int64 [mbs, s] (tokens shifted by one),
+    ``loss_mask`` float32 [mbs, s] (0 on padding), ``position_ids`` int64 [mbs, s]; s is
+    ``args.seq_length``, or with --variable-seq-lengths the longest sample of the global batch.
+    The valid iterator is None when the valid split is empty or ``args.eval_iters`` is 0; it resumes
+    where an uninterrupted run's evaluations (every ``args.eval_interval`` iterations) would be.
+    """
+    _check_args(args, dp_rank, dp_size)
+    train, valid, source = build_sample_streams(args, tokenizer)
+    train_iterator = _iterate(train, source, tokenizer, args, consumed_train_samples, dp_rank, dp_size)
+    if valid is None or getattr(args, "eval_iters", 0) == 0:
+        return train_iterator, None
+    valid_start = consumed_valid_samples(args, consumed_train_samples)
+    return train_iterator, _iterate(valid, source, tokenizer, args, valid_start, dp_rank, dp_size)

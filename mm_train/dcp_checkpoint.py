@@ -1,0 +1,250 @@
+"""``--ckpt-format torch_dcp``: sharded checkpoints with torch.distributed.checkpoint.
+
+Layout of ``<dir>``::
+
+    latest_checkpointed_iteration.txt    the last complete iteration, written last
+    iter_0000010/
+        .metadata, __*_*.distcp          model ("model.*") and optimizer ("optim.*") via DCP
+        common.pt                        iteration, consumed samples, scheduler, world size
+        rng_rank_<r>.pt                  RNG states of rank r (python, numpy, torch, accelerator,
+                                         optional Megatron RNG tracker)
+
+Model and optimizer state come from torch.distributed.checkpoint.state_dict, keyed by global
+parameter names, so a checkpoint written by FSDP2 at one world size loads into another world
+size or into an unsharded model (DCP reshards). RNG states are per rank and only load at the
+world size they were saved at. A save is atomic: everything goes to ``iter_N.tmp``, all ranks
+meet at a barrier, rank 0 renames it to ``iter_N`` and only then rewrites the marker. Files
+are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+COMMON_FILENAME = "common.pt"
+DCP_METADATA = ".metadata"
+FORMAT = "torch_dcp"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded: missing, partial, corrupt, or incompatible."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What :func:`load_dcp_checkpoint` restored besides model and optimizer."""
+
+    iteration: int
+    consumed_samples: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def iteration_dir(checkpoint_dir: str | Path, iteration: int) -> Path:
+    """``<checkpoint_dir>/iter_0000010`` for iteration 10 (Megatron's naming)."""
+    return Path(checkpoint_dir) / f"iter_{iteration:07d}"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _rng_state(rng_tracker: Any) -> dict[str, Any]:
+    version, mt_state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": (version, list(mt_state), gauss),
+        "numpy": (np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if rng_tracker is not None:
+        state["tracker"] = rng_tracker.get_states()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], rng_tracker: Any) -> None:
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if rng_tracker is not None:
+        if "tracker" not in state:
+            raise CheckpointError("the checkpoint has no RNG tracker states; pass --no-load-rng")
+        rng_tracker.set_states(state["tracker"])
+
+
+def save_dcp_checkpoint(checkpoint_dir: str | Path, iteration: int, model: nn.Module,
+                        optimizer: torch.optim.Optimizer | None, *, scheduler: Any = None,
+                        consumed_samples: int = 0, save_optim: bool = True, save_rng: bool = True,
+                        rng_tracker: Any = None, extra: dict[str, Any] | None = None) -> Path:
+    """Writes iteration ``iteration`` under ``checkpoint_dir`` atomically; collective over all ranks.
+
+    ``model`` is the module whose ``named_parameters`` are the global names (FSDP2-sharded or
+    plain); ``optimizer`` is saved unless ``save_optim`` is False (``--no-save-optim``);
+    ``scheduler`` is anything with ``state_dict()``; RNG states unless ``save_rng`` is False;
+    ``extra`` is a small dict of tensors/numbers/strings returned as ``LoadedCheckpoint.extra``.
+    Returns the final iteration directory.
+    """
+    rank, world_size = _rank_world()
+    final = iteration_dir(checkpoint_dir, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    if save_optim and optimizer is not None:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    else:
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp)
+    if save_rng:
+        torch.save(_rng_state(rng_tracker), tmp / f"rng_rank_{rank}.pt")
+    if rank == 0:
+        torch.save({
+            "format": FORMAT,
+            "iteration": iteration,
+            "consumed_samples": consumed_samples,
+            "world_size": world_size,
+            "has_optimizer": save_optim and optimizer is not None,
+            "has_rng": save_rng,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "extra": extra or {},
+        }, tmp / COMMON_FILENAME)
+    _barrier()
+    if rank == 0:
+        previous = final.with_name(final.name + ".old")
+        if final.exists():
+            os.replace(final, previous)
+        os.replace(tmp, final)
+        shutil.rmtree(previous, ignore_errors=True)
+        marker = Path(checkpoint_dir) / TRACKER_FILENAME
+        marker_tmp = marker.with_name(marker.name + ".tmp")
+        marker_tmp.write_text(f"{iteration}\n")
+        os.replace(marker_tmp, marker)
+    _barrier()
+    return final
+
+
+def latest_iteration(checkpoint_dir: str | Path) -> int | None:
+    """The iteration named by ``<checkpoint_dir>/latest_checkpointed_iteration.txt``; None without one."""
+    marker = Path(checkpoint_dir) / TRACKER_FILENAME
+    if not marker.is_file():
+        return None
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{marker}: expected an iteration number, found {text[:40]!r}")
+    return int(text)
+
+
+def _raise_on_every_rank(error: str | None) -> None:
+    """Raises CheckpointError on all ranks when any rank has an ``error`` (so none is left waiting)."""
+    errors = [error]
+    if _distributed():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    failures = [(rank, message) for rank, message in enumerate(errors) if message is not None]
+    if failures:
+        rank, message = failures[0]
+        raise CheckpointError(message if len(errors) == 1 else f"rank {rank}: {message}")
+
+
+def _read_common(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    missing = [name for name in (DCP_METADATA, COMMON_FILENAME) if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint, missing {missing}")
+    try:
+        common = torch.load(path / COMMON_FILENAME, weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"{path / COMMON_FILENAME}: unreadable ({error})") from None
+    if not isinstance(common, dict) or common.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint")
+    return common
+
+
+def load_dcp_checkpoint(checkpoint_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                        *, scheduler: Any = None, iteration: int | None = None, load_optim: bool = True,
+                        load_rng: bool = True, rng_tracker: Any = None) -> LoadedCheckpoint:
+    """Loads a checkpoint written by :func:`save_dcp_checkpoint` in place; collective over all ranks.
+
+    ``iteration`` None means the one the marker names; with no marker nothing is loaded and
+    ``LoadedCheckpoint(0, 0)`` is returned (a fresh start, as Megatron does). ``model`` and
+    ``optimizer`` must be built (for FSDP2: sharded and materialised) already, at any world
+    size DCP can reshard to. ``load_optim``/``load_rng`` False skip those parts
+    (``--no-load-optim``/``--no-load-rng``); the scheduler is restored when given and
+    ``load_optim`` is on. Raises CheckpointError on every rank for a missing, partial or
+    corrupt checkpoint, or for optimizer/RNG state that was not saved (or, for RNG, was saved
+    at another world size).
+    """
+    if iteration is None:
+        iteration = latest_iteration(checkpoint_dir)
+        if iteration is None:
+            return LoadedCheckpoint(0, 0)
+    path = iteration_dir(checkpoint_dir, iteration)
+    common = _read_common(path)
+    rank, world_size = _rank_world()
+    load_optim = load_optim and optimizer is not None
+    if load_optim and not common["has_optimizer"]:
+        raise CheckpointError(f"{path}: saved without optimizer state; load it with --no-load-optim")
+    if load_rng and not common["has_rng"]:
+        raise CheckpointError(f"{path}: saved without RNG state; load it with --no-load-rng")
+    if load_rng and common["world_size"] != world_size:
+        raise CheckpointError(f"{path}: RNG states were saved at world size {common['world_size']}, "
+                              f"loading at {world_size}; load it with --no-load-rng")
+    rng, error = None, None
+    try:
+        if load_rng:
+            rng = torch.load(path / f"rng_rank_{rank}.pt", weights_only=True)
+    except Exception as failure:
+        error = f"{path / f'rng_rank_{rank}.pt'}: unreadable ({type(failure).__name__})"
+    _raise_on_every_rank(error)
+    try:
+        if load_optim:
+            model_state, optim_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optim": optim_state}
+            dcp.load(state, checkpoint_id=path)
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        else:
+            state = {"model": get_model_state_dict(model)}
+            dcp.load(state, checkpoint_id=path)
+            set_model_state_dict(model, state["model"])
+    except (dcp.CheckpointException, OSError, RuntimeError, ValueError, KeyError) as failure:
+        first_line = next(iter(str(failure).strip().splitlines()), type(failure).__name__)
+        raise CheckpointError(f"{path}: corrupt or incompatible checkpoint: {first_line}") from failure
+    if rng is not None:
+        _set_rng_state(rng, rng_tracker)
+    if scheduler is not None and load_optim and common["scheduler"] is not None:
+        scheduler.load_state_dict(common["scheduler"])
+    return LoadedCheckpoint(common["iteration"], common["consumed_samples"], common["extra"])

@@ -1,0 +1,291 @@
+"""FSDP2 (torch.distributed.fsdp.fully_shard) for ``--use-torch-fsdp2 --fsdp2-config-path cfg.yaml``.
+
+The YAML file holds the keys of :class:`FSDP2Config`. ``sub_modules_to_wrap`` and
+``recompute_modules`` are lists of patterns; a pattern selects a module (never the root) when it
+matches any of:
+
+- the module's qualified name, part by part: ``decoder.layers.*`` matches ``decoder.layers.3``
+  but not ``decoder.layers.3.mlp`` (``*``/``?``/``[..]`` are shell wildcards within one part;
+  MindSpeed-MM's ``{*}`` is accepted as ``*``);
+- the module's class name, e.g. ``TransformerLayer`` (wildcards allowed);
+- the module's class path, e.g. ``megatron.core.transformer.transformer_layer.TransformerLayer``.
+
+A pattern that selects nothing is an error, so typos do not silently leave a model unsharded.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+from torch.distributed._composable import checkpoint
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+
+class FSDP2ConfigError(ValueError):
+    """A bad FSDP2 YAML config: the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class FSDP2Config:
+    """The FSDP2 settings of one run (the YAML keys, with their defaults).
+
+    sharding_size: ranks per shard group, or "auto" (= world size); fewer than the world
+        size gives HSDP (replicas of shard groups).
+    sub_modules_to_wrap: patterns of modules that become their own FSDP unit (see module doc);
+        the root module is always one.
+    reshard_after_forward: free unsharded parameters after forward (True), keep them (False),
+        or reshard to groups of this many ranks (int).
+    param_dtype / reduce_dtype: compute and gradient-reduction dtypes ("bf16", "fp16", "fp32"
+        or None = the parameter's own dtype).
+    cast_forward_inputs: cast floating inputs of each FSDP unit to param_dtype.
+    offload_to_cpu: keep sharded parameters, gradients and optimizer state on the CPU.
+    pin_memory: pin the offloaded memory (only when an accelerator exists).
+    num_to_forward_prefetch / num_to_backward_prefetch: how many following (forward) or
+        preceding (backward) FSDP units to all-gather ahead of use.
+    recompute_modules: patterns of modules whose activations are recomputed in backward.
+    """
+
+    sharding_size: int | str = "auto"
+    sub_modules_to_wrap: tuple[str, ...] = ()
+    reshard_after_forward: bool | int = True
+    param_dtype: torch.dtype | None = None
+    reduce_dtype: torch.dtype | None = None
+    cast_forward_inputs: bool = True
+    offload_to_cpu: bool = False
+    pin_memory: bool = True
+    num_to_forward_prefetch: int = 0
+    num_to_backward_prefetch: int = 0
+    recompute_modules: tuple[str, ...] = ()
+
+
+def _bool(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise FSDP2ConfigError(f"key '{key}' must be true or false, got {value!r}")
+    return value
+
+
+def _count(key: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise FSDP2ConfigError(f"key '{key}' must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _sharding_size(key: str, value: object) -> int | str:
+    return "auto" if value == "auto" else _count(key, value, 1)
+
+
+def _reshard(key: str, value: object) -> bool | int:
+    return value if isinstance(value, bool) else _count(key, value, 1)
+
+
+def _dtype(key: str, value: object) -> torch.dtype | None:
+    if value is None:
+        return None
+    if value not in DTYPES:
+        raise FSDP2ConfigError(f"key '{key}' must be one of {sorted(DTYPES)} or null, got {value!r}")
+    return DTYPES[value]
+
+
+def _patterns(key: str, value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+        raise FSDP2ConfigError(f"key '{key}' must be a list of non-empty module patterns, got {value!r}")
+    return tuple(value)
+
+
+_PARSERS = {
+    "sharding_size": _sharding_size,
+    "sub_modules_to_wrap": _patterns,
+    "reshard_after_forward": _reshard,
+    "param_dtype": _dtype,
+    "reduce_dtype": _dtype,
+    "cast_forward_inputs": _bool,
+    "offload_to_cpu": _bool,
+    "pin_memory": _bool,
+    "num_to_forward_prefetch": lambda key, value: _count(key, value, 0),
+    "num_to_backward_prefetch": lambda key, value: _count(key, value, 0),
+    "recompute_modules": _patterns,
+}
+
+
+def parse_fsdp2_config(raw: object) -> FSDP2Config:
+    """Builds an :class:`FSDP2Config` from a parsed YAML mapping (None = all defaults)."""
+    if raw is None:
+        return FSDP2Config()
+    if not isinstance(raw, dict):
+        raise FSDP2ConfigError(f"must be a mapping of FSDP2 keys, got {type(raw).__name__}")
+    unknown = sorted(str(k) for k in raw if k not in _PARSERS)
+    if unknown:
+        raise FSDP2ConfigError(f"unknown key(s) {unknown}; known keys: {sorted(_PARSERS)}")
+    return FSDP2Config(**{key: _PARSERS[key](key, value) for key, value in raw.items()})
+
+
+def load_fsdp2_config(path: str | Path) -> FSDP2Config:
+    """Reads the FSDP2 YAML file at ``path``; errors name the file and the offending key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--fsdp2-config-path {path}: no such file")
+    try:
+        return parse_fsdp2_config(yaml.safe_load(path.read_text()))
+    except yaml.YAMLError as error:
+        raise FSDP2ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+    except FSDP2ConfigError as error:
+        raise FSDP2ConfigError(f"{path}: {error}") from None
+
+
+def _name_matches(pattern: str, name: str) -> bool:
+    parts, name_parts = pattern.split("."), name.split(".")
+    return len(parts) == len(name_parts) and all(map(fnmatch.fnmatchcase, name_parts, parts))
+
+
+def module_matches(pattern: str, name: str, module: nn.Module) -> bool:
+    """True when ``pattern`` selects the module called ``name`` (rules in the module docstring)."""
+    pattern = pattern.replace("{*}", "*")
+    cls = type(module)
+    return (_name_matches(pattern, name)
+            or fnmatch.fnmatchcase(cls.__name__, pattern)
+            or pattern == f"{cls.__module__}.{cls.__qualname__}")
+
+
+def select_modules(model: nn.Module, patterns: Sequence[str], key: str) -> list[nn.Module]:
+    """Sub-modules of ``model`` selected by ``patterns``, in forward (definition) order.
+
+    Raises FSDP2ConfigError naming ``key`` when a pattern selects nothing.
+    """
+    selected, unused = [], set(patterns)
+    for name, module in model.named_modules():
+        hits = {p for p in patterns if name and module_matches(p, name, module)}
+        if hits:
+            selected.append(module)
+            unused -= hits
+    if unused:
+        raise FSDP2ConfigError(f"key '{key}': pattern(s) {sorted(unused)} match no sub-module of "
+                               f"{type(model).__name__}")
+    return selected
+
+
+def _device_type() -> str:
+    accelerator = torch.accelerator.current_accelerator()
+    return accelerator.type if accelerator is not None else "cpu"
+
+
+def fsdp2_device_mesh(config: FSDP2Config, world_size: int, device_type: str | None = None) -> DeviceMesh:
+    """The mesh FSDP2 shards over: 1-D ("dp_shard") or, when sharding_size < world size,
+    2-D ("dp_replicate", "dp_shard") for HSDP. Needs an initialised process group."""
+    shard = world_size if config.sharding_size == "auto" else config.sharding_size
+    if world_size % shard:
+        raise FSDP2ConfigError(f"key 'sharding_size': {shard} does not divide the world size {world_size}")
+    device_type = device_type or _device_type()
+    if shard == world_size:
+        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp_shard",))
+    return init_device_mesh(device_type, (world_size // shard, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+
+
+def _set_prefetch(units: list[nn.Module], forward: int, backward: int) -> None:
+    for i, unit in enumerate(units):
+        if forward:
+            unit.set_modules_to_forward_prefetch(units[i + 1:i + 1 + forward])
+        if backward:
+            unit.set_modules_to_backward_prefetch(units[max(0, i - backward):i][::-1])
+
+
+def apply_fsdp2(model: nn.Module, config: FSDP2Config, mesh: DeviceMesh | None = None) -> nn.Module:
+    """Shards ``model`` in place with ``fully_shard`` per ``config`` and returns it.
+
+    Order: activation checkpointing on ``recompute_modules``; ``fully_shard`` on each
+    ``sub_modules_to_wrap`` module (innermost first) and then on the root; forward/backward
+    prefetch lists over the wrapped sub-modules in forward order. ``mesh`` defaults to
+    :func:`fsdp2_device_mesh` over the whole default process group. Works on a model built on
+    the meta device (then call ``to_empty`` and initialise; see mm_train.meta_init).
+    Parameter names are unchanged, so names-keyed init and checkpoints see the global names.
+    """
+    if mesh is None:
+        mesh = fsdp2_device_mesh(config, dist.get_world_size())
+    wrapped = select_modules(model, config.sub_modules_to_wrap, "sub_modules_to_wrap")
+    for module in select_modules(model, config.recompute_modules, "recompute_modules"):
+        checkpoint(module)
+    offload = OffloadPolicy()
+    if config.offload_to_cpu:
+        offload = CPUOffloadPolicy(pin_memory=config.pin_memory and torch.accelerator.is_available())
+    shard_args = dict(
+        mesh=mesh,
+        reshard_after_forward=config.reshard_after_forward,
+        mp_policy=MixedPrecisionPolicy(param_dtype=config.param_dtype, reduce_dtype=config.reduce_dtype,
+                                       cast_forward_inputs=config.cast_forward_inputs),
+        offload_policy=offload,
+    )
+    for module in reversed(wrapped):
+        fully_shard(module, **shard_args)
+    fully_shard(model, **shard_args)
+    _set_prefetch(wrapped, config.num_to_forward_prefetch, config.num_to_backward_prefetch)
+    return model
+
+
+_PARALLEL_SIZES = (
+    ("--tensor-model-parallel-size", "tensor_model_parallel_size"),
+    ("--pipeline-model-parallel-size", "pipeline_model_parallel_size"),
+    ("--context-parallel-size", "context_parallel_size"),
+    ("--expert-model-parallel-size", "expert_model_parallel_size"),
+)
+_MEGATRON_DDP_FLAGS = (
+    ("--use-distributed-optimizer", "use_distributed_optimizer"),
+    ("--sequence-parallel", "sequence_parallel"),
+    ("--overlap-grad-reduce", "overlap_grad_reduce"),
+    ("--overlap-param-gather", "overlap_param_gather"),
+)
+_RECOMPUTE_FLAGS = (
+    ("--recompute-granularity", "recompute_granularity"),
+    ("--recompute-method", "recompute_method"),
+    ("--recompute-num-layers", "recompute_num_layers"),
+)
+
+
+def validate_fsdp2_args(args: object) -> None:
+    """Raises ValueError (one line, naming the flag) for flag combinations FSDP2 cannot run.
+
+    ``args`` is the parsed namespace (argparse attribute names). Without ``--use-torch-fsdp2``,
+    only the flags that need it are refused. With it: ``--fsdp2-config-path`` and
+    ``--use-cpu-initialization`` are required; TP/PP/CP/EP sizes must be 1; Megatron's DDP and
+    distributed optimizer, sequence parallel and Megatron recompute must be off (the YAML's
+    recompute_modules replaces the latter); checkpoints (``--save``/``--load``) must use
+    ``--ckpt-format torch_dcp``.
+    """
+    if not getattr(args, "use_torch_fsdp2", False):
+        for flag, attr in (("--fsdp2-config-path", "fsdp2_config_path"),
+                           ("--init-model-with-meta-device", "init_model_with_meta_device")):
+            if getattr(args, attr, None):
+                raise ValueError(f"{flag} requires --use-torch-fsdp2")
+        return
+    if not getattr(args, "fsdp2_config_path", None):
+        raise ValueError("--use-torch-fsdp2 requires --fsdp2-config-path")
+    if not getattr(args, "use_cpu_initialization", False):
+        raise ValueError("--use-torch-fsdp2 requires --use-cpu-initialization")
+    for flag, attr in _PARALLEL_SIZES:
+        size = getattr(args, attr, 1) or 1
+        if size > 1:
+            raise ValueError(f"--use-torch-fsdp2 needs {flag} 1, got {size}: FSDP2 shards over data-parallel ranks only")
+    for flag, attr in _MEGATRON_DDP_FLAGS:
+        if getattr(args, attr, False):
+            raise ValueError(f"--use-torch-fsdp2 cannot be combined with {flag}: FSDP2 replaces Megatron's DDP and optimizer sharding")
+    for flag, attr in _RECOMPUTE_FLAGS:
+        if getattr(args, attr, None) is not None:
+            raise ValueError(f"--use-torch-fsdp2 cannot be combined with {flag}: list the modules under recompute_modules in the FSDP2 config")
+    checkpointing = getattr(args, "save", None) or getattr(args, "load", None)
+    ckpt_format = getattr(args, "ckpt_format", None)
+    if checkpointing and ckpt_format != "torch_dcp":
+        raise ValueError(f"--use-torch-fsdp2 saves and loads with --ckpt-format torch_dcp only, got {ckpt_format}")
