@@ -15,7 +15,7 @@
 
 #include "cpu_dispatch.h"
 #include "dtype_convert.h"
-#include "output_buffer.h"
+#include "huge_page_alloc.h"
 
 namespace mmk {
 namespace {
@@ -216,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x_in, const st
   const at::Tensor x = x_in.contiguous();
   const int64_t hidden = x.size(-1);
   const int64_t rows = x.numel() / hidden;
-  at::Tensor y = empty_output(x.sizes(), x.scalar_type());
+  at::Tensor y = empty_huge_page_advised(x.sizes(), x.options());
   at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
   const at::Tensor scale = forward_scale(weight, casting, offset, x.scalar_type());
   const float* scale_ptr = scale.defined() ? scale.data_ptr<float>() : nullptr;
@@ -262,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy_in, const a
   const at::Tensor rstd = rstd_in.contiguous();
   const int64_t hidden = x.size(-1);
   const int64_t rows = x.numel() / hidden;
-  at::Tensor dx = empty_output(x.sizes(), x.scalar_type());
+  at::Tensor dx = empty_huge_page_advised(x.sizes(), x.options());
   const bool with_weight = has_weight(weight);
   // The gradient scale is (offset + weight) in fp32 for every casting mode.
   const at::Tensor gscale = with_weight ? (weight->to(at::kFloat) + offset).contiguous() : at::Tensor();
@@ -320,8 +320,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd(const at::Tensor
   const at::Tensor residual = residual_in.contiguous();
   const int64_t hidden = x.size(-1);
   const int64_t rows = x.numel() / hidden;
-  at::Tensor y = empty_output(x.sizes(), x.scalar_type());
-  at::Tensor summed = empty_output(x.sizes(), x.scalar_type());
+  at::Tensor y = empty_huge_page_advised(x.sizes(), x.options());
+  at::Tensor summed = empty_huge_page_advised(x.sizes(), x.options());
   at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
   const at::Tensor scale = forward_scale(weight, Casting::kLlama, 0.0, x.scalar_type());
   const float* scale_ptr = scale.defined() ? scale.data_ptr<float>() : nullptr;

@@ -1,16 +1,12 @@
 // C++ tests of the RMSNorm CPU kernels against an fp64 ATen oracle, plus determinism,
-// edge shapes, input checks and the output buffer reuse.
+// edge shapes and input checks.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <c10/util/Exception.h>
-
 #include <optional>
-#include <string>
 #include <tuple>
 
 #include "check.h"
-#include "output_buffer.h"
 #include "rms_norm.h"
 
 namespace {
@@ -48,15 +44,7 @@ std::tuple<at::Tensor, at::Tensor> oracle_backward(const at::Tensor& dy, const a
   return {dx, dweight};
 }
 
-template <typename Fn>
-bool throws(Fn&& fn) {
-  try {
-    fn();
-  } catch (const c10::Error&) {
-    return true;
-  }
-  return false;
-}
+using mmk::testing::throws;
 
 MMK_TEST(forward_matches_fp64_oracle) {
   at::manual_seed(0);
@@ -154,20 +142,6 @@ MMK_TEST(bad_input_is_rejected) {
   MMK_CHECK(throws([&] { mmk::rms_norm_bwd(at::randn({4, 9}), x, std::nullopt, rstd, kEps, "llama", 0.0); }));
   MMK_CHECK(throws([&] { mmk::rms_norm_bwd(x, x, std::nullopt, at::ones({3}), kEps, "llama", 0.0); }));
   MMK_CHECK(throws([&] { mmk::add_rms_norm_fwd(x, x.to(at::kHalf), std::nullopt, kEps); }));
-}
-
-MMK_TEST(large_output_blocks_are_reused) {
-  const std::vector<int64_t> sizes = {1024, 1024};  // 4 MiB of fp32
-  const void* first = nullptr;
-  {
-    const at::Tensor a = mmk::empty_output(sizes, at::kFloat);
-    first = a.data_ptr();
-    MMK_CHECK(reinterpret_cast<uintptr_t>(first) % (2 << 20) == 0);
-  }
-  MMK_CHECK(mmk::cached_output_bytes() >= (size_t{4} << 20));
-  const at::Tensor b = mmk::empty_output(sizes, at::kFloat);
-  MMK_CHECK(b.data_ptr() == first);
-  MMK_CHECK(mmk::cached_output_bytes() <= mmk::kCachedBytesLimit);
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-#include "output_buffer.h"
+#include "huge_page_alloc.h"
 
 #include <sys/mman.h>
 
@@ -81,7 +81,7 @@ class OutputAllocator final : public c10::Allocator {
     void* ptr = cache().take(bytes);
     if (ptr == nullptr) {
       ptr = std::aligned_alloc(kHugePage, bytes);
-      TORCH_CHECK(ptr != nullptr, "empty_output: out of memory allocating ", nbytes, " bytes");
+      TORCH_CHECK(ptr != nullptr, "empty_huge_page_advised: out of memory allocating ", nbytes, " bytes");
 #ifdef MADV_HUGEPAGE
       madvise(ptr, bytes, MADV_HUGEPAGE);  // a hint: without THP the block still works with 4 KiB pages
 #endif
@@ -97,10 +97,11 @@ class OutputAllocator final : public c10::Allocator {
 
 }  // namespace
 
-at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype) {
+at::Tensor empty_huge_page_advised(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  TORCH_CHECK(options.device().is_cpu(), "empty_huge_page_advised: CPU tensors only, got ", options.device());
   static OutputAllocator allocator;
-  return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
-                                   std::nullopt);
+  return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), std::nullopt);
 }
 
 size_t cached_output_bytes() { return cache().cached_bytes(); }
