@@ -34,6 +34,11 @@ def cpu_backends() -> list[str]:
     return names
 
 
+def device_for(backend: str) -> torch.device:
+    """Device of the test tensors for ``backend``: Triton runs on CUDA when present, else interpreted on CPU."""
+    return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+
+
 def tolerance(dtype: torch.dtype, scale: float = 1.0) -> dict[str, float]:
     """atol/rtol for ``dtype``, both multiplied by ``scale`` (e.g. sqrt(rows) for weight gradients)."""
     tol = TOLERANCES[dtype]
