@@ -7,8 +7,7 @@ import shutil
 
 import pytest
 
-import mm_kernels
-from tests.train_runner import TINY, fused_rmsnorm_available, losses, run_train
+from tests.train_runner import TINY, losses, run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -57,8 +56,6 @@ def test_resume_from_iteration_20_continues_the_curve(reference, tmp_path):
     _rel_close(losses(result), curve[20:], rtol=1e-4)
 
 
-@pytest.mark.skipif(not (fused_rmsnorm_available() and hasattr(mm_kernels, "swiglu")),
-                    reason="mm_kernels.swiglu / mm_kernels.nn.FusedRMSNorm not on this branch")
 def test_fused_kernels_match_reference(reference):
     curve, _ = reference
     result = run_train(TINY + ["--train-iters", str(ITERS), "--use-fused-rmsnorm", "--use-fused-swiglu"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import re
 import socket
@@ -47,9 +45,3 @@ def losses(result) -> list[float]:
         raise AssertionError(f"mm-train exited {result.returncode}:\n{result.stderr[-3000:]}")
     return [float(value) for value in LOSS.findall(result.stdout)]
 
-
-def fused_rmsnorm_available() -> bool:
-    """True when mm_kernels.nn.FusedRMSNorm exists (it lands on another branch)."""
-    if importlib.util.find_spec("mm_kernels.nn") is None:
-        return False
-    return hasattr(importlib.import_module("mm_kernels.nn"), "FusedRMSNorm")
