@@ -36,7 +36,6 @@ GPT_ARGS="
     --max-position-embeddings 64 \
     --position-embedding-type rope \
     --normalization RMSNorm \
-    --use-fused-rmsnorm \
     --swiglu \
     --use-fused-swiglu \
     --disable-bias-linear \
