@@ -2,7 +2,9 @@
 # Tiny GPT pre-training in MindSpeed-MM's launch-script shape: 2 processes, data parallel with the
 # distributed optimizer, fused SwiGLU, the shipped corpus and byte tokenizer. Runs on CPU
 # (gloo) in well under a minute; on NPU/GPU set NPUS_PER_NODE to the devices per node.
-# Overridable: NPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK, TRAIN_ITERS, CKPT_DIR.
+# Overridable: NPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK, TRAIN_ITERS, CKPT_DIR,
+# PARALLEL_ARGS (how the model is distributed), CKPT_FORMAT (torch | torch_dcp);
+# pretrain_gpt_tiny_fsdp2.sh sets the last two for FSDP2.
 set -euo pipefail
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 
@@ -13,6 +15,8 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 TRAIN_ITERS=${TRAIN_ITERS:-20}
 CKPT_DIR=${CKPT_DIR:-./ckpt/gpt_tiny}
+CKPT_FORMAT=${CKPT_FORMAT:-torch}
+PARALLEL_ARGS=${PARALLEL_ARGS:-"--use-distributed-optimizer --overlap-grad-reduce"}
 
 TP=1
 PP=1
@@ -29,8 +33,7 @@ GPT_ARGS="
     --use-mcore-models \
     --tensor-model-parallel-size ${TP} \
     --pipeline-model-parallel-size ${PP} \
-    --use-distributed-optimizer \
-    --overlap-grad-reduce \
+    ${PARALLEL_ARGS} \
     --num-layers 2 \
     --hidden-size 64 \
     --num-attention-heads 4 \
@@ -65,6 +68,7 @@ OUTPUT_ARGS="
     --save-interval ${TRAIN_ITERS} \
     --eval-interval ${TRAIN_ITERS} \
     --eval-iters 2 \
+    --ckpt-format ${CKPT_FORMAT} \
     --save ${CKPT_DIR}
 "
 

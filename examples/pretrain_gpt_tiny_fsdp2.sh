@@ -2,72 +2,17 @@
 # The tiny GPT of pretrain_gpt_tiny.sh trained with torch FSDP2 (settings in fsdp2_config.yaml):
 # parameters, gradients and optimizer state sharded over all processes, the model built on the
 # meta device, sharded torch_dcp checkpoints (resume with --load at the same or another world size).
-# Overridable: NPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK, TRAIN_ITERS, CKPT_DIR.
+# Takes the same overrides as pretrain_gpt_tiny.sh.
 set -euo pipefail
-export CUDA_DEVICE_MAX_CONNECTIONS=1
+EXAMPLES=$(dirname "$0")
 
-NPUS_PER_NODE=${NPUS_PER_NODE:-2}
-MASTER_ADDR=${MASTER_ADDR:-localhost}
-MASTER_PORT=${MASTER_PORT:-6000}
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-TRAIN_ITERS=${TRAIN_ITERS:-20}
-CKPT_DIR=${CKPT_DIR:-./ckpt/gpt_tiny_fsdp2}
-FSDP2_CONFIG=$(dirname "$0")/fsdp2_config.yaml
-
-DISTRIBUTED_ARGS="
-    --nproc_per_node $NPUS_PER_NODE \
-    --nnodes $NNODES \
-    --node_rank $NODE_RANK \
-    --master_addr $MASTER_ADDR \
-    --master_port $MASTER_PORT
-"
-
-GPT_ARGS="
-    --use-mcore-models \
+export PARALLEL_ARGS="
     --use-torch-fsdp2 \
-    --fsdp2-config-path ${FSDP2_CONFIG} \
+    --fsdp2-config-path ${EXAMPLES}/fsdp2_config.yaml \
     --use-cpu-initialization \
-    --init-model-with-meta-device \
-    --num-layers 2 \
-    --hidden-size 64 \
-    --num-attention-heads 4 \
-    --seq-length 64 \
-    --max-position-embeddings 64 \
-    --position-embedding-type rope \
-    --normalization RMSNorm \
-    --swiglu \
-    --use-fused-swiglu \
-    --disable-bias-linear \
-    --hidden-dropout 0 \
-    --attention-dropout 0 \
-    --micro-batch-size 2 \
-    --global-batch-size 8 \
-    --train-iters ${TRAIN_ITERS} \
-    --lr 1e-3 \
-    --min-lr 1e-4 \
-    --lr-decay-style cosine \
-    --lr-warmup-fraction 0.1 \
-    --weight-decay 0.01 \
-    --weight-decay-exclude-modules word_embeddings \
-    --clip-grad 1.0 \
-    --seed 1234 \
-    --num-workers 0
+    --init-model-with-meta-device
 "
+export CKPT_FORMAT=torch_dcp
+export CKPT_DIR=${CKPT_DIR:-./ckpt/gpt_tiny_fsdp2}
 
-# MoE flags (--num-experts, --moe-router-topk, --moe-token-dispatcher-type, ...) go here.
-MOE_ARGS=""
-
-OUTPUT_ARGS="
-    --log-interval 1 \
-    --save-interval ${TRAIN_ITERS} \
-    --eval-interval ${TRAIN_ITERS} \
-    --eval-iters 2 \
-    --ckpt-format torch_dcp \
-    --save ${CKPT_DIR}
-"
-
-torchrun $DISTRIBUTED_ARGS -m mm_train \
-    $GPT_ARGS \
-    $MOE_ARGS \
-    $OUTPUT_ARGS
+exec bash "${EXAMPLES}/pretrain_gpt_tiny.sh"
