@@ -9,6 +9,8 @@ import math
 import sys
 from dataclasses import dataclass
 
+from tqdm import tqdm
+
 
 @dataclass
 class IterationStats:
@@ -56,29 +58,23 @@ def validation_line(iteration: int, loss: float) -> str:
 
 
 class ProgressBar:
-    """A one-line bar on stderr, redrawn each iteration; only when stderr is a terminal."""
-
-    WIDTH = 30
+    """A tqdm bar on stderr, advanced each iteration; only when stderr is a terminal."""
 
     def __init__(self, total: int, enabled: bool):
-        self.total = total
-        self.enabled = enabled and sys.stderr.isatty()
+        self._bar = tqdm(total=total, disable=not (enabled and sys.stderr.isatty()), file=sys.stderr,
+                         unit="it", dynamic_ncols=True, leave=True)
 
     def update(self, iteration: int, loss: float | None) -> None:
-        """Redraws the bar at ``iteration`` with the latest loss."""
-        if not self.enabled:
-            return
-        filled = self.WIDTH * iteration // self.total
-        loss_text = "" if loss is None else f" loss {loss:.4f}"
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {iteration}/{self.total}{loss_text}")
-        if iteration >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        """Moves the bar to ``iteration`` and shows the latest loss."""
+        if loss is not None:
+            self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        self._bar.update(iteration - self._bar.n)
+        if iteration >= self._bar.total:
+            self._bar.close()
 
     def clear(self) -> None:
-        """Erases the bar so a log line can be printed on a clean line."""
-        if self.enabled:
-            sys.stderr.write("\r\033[K")
+        """Erases the bar so a log line can be printed on a clean line (tqdm redraws it afterwards)."""
+        self._bar.clear()
 
 
 class TensorBoard:

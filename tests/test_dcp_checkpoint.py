@@ -14,7 +14,7 @@ from mm_train.dcp_checkpoint import LoadedCheckpoint, load_dcp_checkpoint, save_
 from mm_train.fsdp2 import FSDP2Config, apply_fsdp2
 from mm_train.meta_init import build_fsdp2_model_on_meta
 from mm_train.param_init import init_parameters_
-from tests.distributed import run_on_ranks
+from tests.distributed import run_ranks
 from tests.toy_transformer import ToyTransformer, global_rng_batch, keyed_batch, keyed_full_value, train
 
 INIT = keyed_full_value(seed=99)
@@ -70,7 +70,7 @@ def check_resume_on_two_ranks(rank: int, world_size: int, tmp_path) -> None:
 
 @pytest.mark.distributed
 def test_fsdp2_save_resume_and_reshard_to_one_process(tmp_path):
-    run_on_ranks(check_resume_on_two_ranks, 2, tmp_path, timeout=180)
+    run_ranks(check_resume_on_two_ranks, 2, tmp_path, timeout=180)
     uninterrupted = json.loads((tmp_path / "keyed_curve.json").read_text())
     checkpoint_dir = tmp_path / "keyed_data"
     assert latest_iteration(checkpoint_dir) == SAVE_AT
