@@ -1,6 +1,6 @@
 #!/bin/bash
 # Tiny GPT pre-training in MindSpeed-MM's launch-script shape: 2 processes, data parallel with the
-# distributed optimizer, fused SwiGLU, the shipped corpus and byte tokenizer. Runs on CPU
+# distributed optimizer, fused RMSNorm and SwiGLU, the shipped corpus and byte tokenizer. Runs on CPU
 # (gloo) in well under a minute; on NPU/GPU set NPUS_PER_NODE to the devices per node.
 # Overridable: NPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK, TRAIN_ITERS, CKPT_DIR,
 # PARALLEL_ARGS (how the model is distributed), CKPT_FORMAT (torch | torch_dcp);
@@ -41,6 +41,7 @@ GPT_ARGS="
     --max-position-embeddings 64 \
     --position-embedding-type rope \
     --normalization RMSNorm \
+    --use-fused-rmsnorm \
     --swiglu \
     --use-fused-swiglu \
     --disable-bias-linear \
