@@ -9,15 +9,8 @@ import json
 import pytest
 import torch
 
-from mm_train.dcp_checkpoint import (
-    TRACKER_FILENAME,
-    CheckpointError,
-    LoadedCheckpoint,
-    iteration_dir,
-    latest_iteration,
-    load_dcp_checkpoint,
-    save_dcp_checkpoint,
-)
+from mm_train.checkpointing import TRACKER, CheckpointError, iteration_dir, latest_iteration
+from mm_train.dcp_checkpoint import LoadedCheckpoint, load_dcp_checkpoint, save_dcp_checkpoint
 from mm_train.fsdp2 import FSDP2Config, apply_fsdp2
 from mm_train.meta_init import build_fsdp2_model_on_meta
 from mm_train.param_init import init_parameters_
@@ -118,7 +111,7 @@ def test_save_overwrites_iteration_and_moves_marker_last(saved):
     assert load_into_fresh(saved, load_optim=False, load_rng=False).consumed_samples == 16
     save_dcp_checkpoint(saved, 5, model, None, save_rng=False)
     assert latest_iteration(saved) == 5 and (saved / "iter_0000002").is_dir()
-    assert sorted(p.name for p in saved.iterdir()) == ["iter_0000002", "iter_0000005", TRACKER_FILENAME]
+    assert sorted(p.name for p in saved.iterdir()) == ["iter_0000002", "iter_0000005", TRACKER]
 
 
 def test_leftover_temp_dir_is_ignored(saved):
@@ -135,13 +128,13 @@ def test_no_marker_means_fresh_start(tmp_path):
 
 
 def test_garbled_marker(saved):
-    (saved / TRACKER_FILENAME).write_text("latest\n")
-    with pytest.raises(CheckpointError, match="expected an iteration number"):
+    (saved / TRACKER).write_text("latest\n")
+    with pytest.raises(CheckpointError, match="should hold an iteration number"):
         load_into_fresh(saved)
 
 
 def test_marker_names_missing_iteration(saved):
-    (saved / TRACKER_FILENAME).write_text("7\n")
+    (saved / TRACKER).write_text("7\n")
     with pytest.raises(CheckpointError, match="iter_0000007: checkpoint directory does not exist"):
         load_into_fresh(saved)
 
