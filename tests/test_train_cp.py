@@ -116,6 +116,14 @@ CURVES = {
 }
 
 
+
+
+def _rel_close(actual: list[float], expected: list[float], rtol: float) -> None:
+    assert len(actual) == len(expected), f"{len(actual)} logged iterations, expected {len(expected)}"
+    for step, (a, e) in enumerate(zip(actual, expected, strict=True), start=1):
+        assert abs(a - e) <= rtol * abs(e), f"iteration {step}: loss {a} vs {e} (rtol {rtol})"
+
+
 @pytest.fixture(scope="module")
 def reference_curve():
     return losses(run_train(TINY + ["--train-iters", str(CURVE_ITERS)]))
@@ -127,9 +135,19 @@ def test_cp_reproduces_single_process_curve(reference_curve, layout):
     nproc, flags = CURVES[layout]
     curve = losses(run_train(TINY + ["--train-iters", str(CURVE_ITERS), "--context-parallel-size", str(nproc),
                                      *flags], nproc=nproc))
-    assert len(curve) == CURVE_ITERS == len(reference_curve)
-    for step, (actual, expected) in enumerate(zip(curve, reference_curve, strict=True), start=1):
-        assert abs(actual - expected) <= CURVE_RTOL * expected, f"iteration {step}: {actual} vs {expected}"
+    _rel_close(curve, reference_curve, CURVE_RTOL)
+
+
+@pytest.mark.slow
+def test_cp_distributed_optimizer_resume_continues_the_curve(reference_curve, tmp_path):
+    """CP=2 shards the distributed optimizer over DP x CP: each CP rank saves and reloads its own shard."""
+    flags = TINY + ["--train-iters", str(CURVE_ITERS), "--context-parallel-size", "2", "--use-distributed-optimizer",
+                    "--save", str(tmp_path), "--save-interval", "2"]
+    first = losses(run_train(flags + ["--exit-interval", "2"], nproc=2))
+    resumed = losses(run_train(flags + ["--load", str(tmp_path)], nproc=2))
+    _rel_close(first + resumed, reference_curve, CURVE_RTOL)
+    assert sorted(p.name for p in (tmp_path / "iter_0000002" / "mp_rank_00_000").iterdir()) == [
+        "model_optim_rng.pt", "rank_state_dp000.pt", "rank_state_dp001.pt"]
 
 
 BAD_COMBINATIONS = {
