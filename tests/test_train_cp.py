@@ -14,7 +14,7 @@ from mm_train.arguments import parse_args
 from mm_train.training import main
 from tests.distributed import run_ranks
 from tests.helpers import assert_close
-from tests.train_runner import TINY, losses, run_train
+from tests.train_runner import TINY, losses, rel_close, run_train
 
 pytestmark = pytest.mark.distributed
 
@@ -118,12 +118,6 @@ CURVES = {
 
 
 
-def _rel_close(actual: list[float], expected: list[float], rtol: float) -> None:
-    assert len(actual) == len(expected), f"{len(actual)} logged iterations, expected {len(expected)}"
-    for step, (a, e) in enumerate(zip(actual, expected, strict=True), start=1):
-        assert abs(a - e) <= rtol * abs(e), f"iteration {step}: loss {a} vs {e} (rtol {rtol})"
-
-
 @pytest.fixture(scope="module")
 def reference_curve():
     return losses(run_train(TINY + ["--train-iters", str(CURVE_ITERS)]))
@@ -135,7 +129,7 @@ def test_cp_reproduces_single_process_curve(reference_curve, layout):
     nproc, flags = CURVES[layout]
     curve = losses(run_train(TINY + ["--train-iters", str(CURVE_ITERS), "--context-parallel-size", str(nproc),
                                      *flags], nproc=nproc))
-    _rel_close(curve, reference_curve, CURVE_RTOL)
+    rel_close(curve, reference_curve, CURVE_RTOL)
 
 
 @pytest.mark.slow
@@ -145,7 +139,7 @@ def test_cp_distributed_optimizer_resume_continues_the_curve(reference_curve, tm
                     "--save", str(tmp_path), "--save-interval", "2"]
     first = losses(run_train(flags + ["--exit-interval", "2"], nproc=2))
     resumed = losses(run_train(flags + ["--load", str(tmp_path)], nproc=2))
-    _rel_close(first + resumed, reference_curve, CURVE_RTOL)
+    rel_close(first + resumed, reference_curve, CURVE_RTOL)
     assert sorted(p.name for p in (tmp_path / "iter_0000002" / "mp_rank_00_000").iterdir()) == [
         "model_optim_rng.pt", "rank_state_dp000.pt", "rank_state_dp001.pt"]
 

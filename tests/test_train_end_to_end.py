@@ -9,18 +9,13 @@ import pytest
 
 import mm_kernels
 from tests.train_runner import TINY, fused_rmsnorm_available, losses, run_train
+from tests.train_runner import rel_close as _rel_close
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ITERS = 40
 LAYOUT_ITERS = 8
 LAYOUT_RTOL = 2e-3
-
-
-def _rel_close(actual: list[float], expected: list[float], rtol: float) -> None:
-    assert len(actual) == len(expected), f"{len(actual)} logged iterations, expected {len(expected)}"
-    for step, (a, e) in enumerate(zip(actual, expected, strict=True), start=1):
-        assert abs(a - e) <= rtol * abs(e), f"iteration {step}: loss {a} vs {e} (rtol {rtol})"
 
 
 @pytest.fixture(scope="module")

@@ -53,3 +53,10 @@ def fused_rmsnorm_available() -> bool:
     if importlib.util.find_spec("mm_kernels.nn") is None:
         return False
     return hasattr(importlib.import_module("mm_kernels.nn"), "FusedRMSNorm")
+
+
+def rel_close(actual: list[float], expected: list[float], rtol: float) -> None:
+    """Asserts two loss curves have the same length and agree iteration by iteration within ``rtol``."""
+    assert len(actual) == len(expected), f"{len(actual)} logged iterations, expected {len(expected)}"
+    for step, (a, e) in enumerate(zip(actual, expected, strict=True), start=1):
+        assert abs(a - e) <= rtol * abs(e), f"iteration {step}: loss {a} vs {e} (rtol {rtol})"
