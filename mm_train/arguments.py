@@ -6,14 +6,16 @@ exist besides the working ones:
 
 - :data:`INACTIVE_FLAGS`: accepted for compatibility and without effect here (e.g.
   ``--use-mcore-models``: the model is always megatron-core's); listed once at start-up.
-- :data:`SCALE_OUT_FLAGS`: parsed, then refused as not yet supported (context parallel, MoE).
-- data and tokenizer flags, added by :func:`mm_train.data.add_data_args`.
+- :data:`SCALE_OUT_FLAGS`: parsed, then refused as not yet supported (MoE).
+- data and tokenizer flags, added by :func:`mm_train.data.add_data_args`; context-parallel
+  flags, added by :func:`mm_train.context_parallel.add_context_parallel_args`.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from mm_train.context_parallel import add_context_parallel_args
 from mm_train.data import add_data_args
 
 # Flags accepted so that MindSpeed-MM scripts run, with no effect on this trainer.
@@ -34,9 +36,6 @@ INACTIVE_FLAGS = (
 
 # Flags of the scale-out features: (attribute, value meaning "off").
 SCALE_OUT_FLAGS = (
-    ("context_parallel_size", 1),
-    ("context_parallel_algo", None),
-    ("ulysses_degree_in_cp", None),
     ("expert_model_parallel_size", 1),
     ("num_experts", None),
     ("moe_token_dispatcher_type", None),
@@ -171,10 +170,6 @@ def _inactive_args(parser: argparse.ArgumentParser) -> None:
 
 def _scale_out_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("scale-out features (parsed, not yet supported)")
-    group.add_argument("--context-parallel-size", type=int, default=1)
-    group.add_argument("--context-parallel-algo", default=None,
-                       choices=["ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo"])
-    group.add_argument("--ulysses-degree-in-cp", type=int, default=None)
     group.add_argument("--expert-model-parallel-size", type=int, default=1)
     group.add_argument("--num-experts", type=int, default=None)
     group.add_argument("--moe-token-dispatcher-type", default=None, choices=["allgather", "alltoall"])
@@ -199,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(parser)
     add_data_args(parser)
     _fsdp2_args(parser)
+    add_context_parallel_args(parser)
     _inactive_args(parser)
     _scale_out_args(parser)
     return parser

@@ -5,8 +5,9 @@ Layout under ``--save``::
     latest_checkpointed_iteration.txt        the newest complete iteration, replaced last
     iter_0000020/manifest.json               layout, iteration and the size of every file
     iter_0000020/mp_rank_TT_PPP/model_optim_rng.pt      model, optimizer, scheduler, iteration,
-                                                        consumed samples (data-parallel rank 0)
+                                                        consumed samples (data x context rank 0)
     iter_0000020/mp_rank_TT_PPP/rank_state_dpDDD.pt     RNG states and distributed-optimizer shard
+                                                        of data x context-parallel rank DDD
 
 Every rank writes into ``iter_0000020.tmp``; after a barrier rank 0 writes the manifest,
 renames the directory and then replaces the marker file, so a crash leaves either the old
@@ -58,10 +59,15 @@ def _rank_dir_name() -> str:
     return f"mp_rank_{tp:02d}_{pp:03d}"
 
 
+def _dp_cp_rank() -> int:
+    """This rank's index among the ranks holding the same model shard (data x context parallel)."""
+    return parallel_state.get_data_parallel_rank(with_context_parallel=True)
+
+
 def _layout() -> dict[str, int]:
     return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
             "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-            "dp": parallel_state.get_data_parallel_world_size()}
+            "dp": parallel_state.get_data_parallel_world_size(with_context_parallel=True)}
 
 
 def _optimizers(optimizer) -> list:
@@ -168,7 +174,7 @@ def save_checkpoint(root: str, state: TrainingState, model, optimizer, scheduler
     rank_dir = staging / _rank_dir_name()
     rank_dir.mkdir(exist_ok=True)
     distributed = args.use_distributed_optimizer
-    if parallel_state.get_data_parallel_rank() == 0:
+    if _dp_cp_rank() == 0:
         payload = {"format_version": FORMAT_VERSION, "iteration": state.iteration,
                    "consumed_train_samples": state.consumed_train_samples, "args": _plain_args(args),
                    "model": model.state_dict(), "opt_param_scheduler": scheduler.state_dict()}
@@ -180,7 +186,7 @@ def save_checkpoint(root: str, state: TrainingState, model, optimizer, scheduler
         rank_state["rng"] = rng_state(get_cuda_rng_tracker())
     if not args.no_save_optim and distributed:
         rank_state["distributed_optimizer"] = _distributed_shards(optimizer)
-    torch.save(rank_state, rank_dir / f"rank_state_dp{parallel_state.get_data_parallel_rank():03d}.pt")
+    torch.save(rank_state, rank_dir / f"rank_state_dp{_dp_cp_rank():03d}.pt")
     barrier()
     if _rank() == 0:
         files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*.pt"))}
@@ -253,7 +259,7 @@ def _read_rank_files(directory: Path, model, args) -> tuple[dict, dict]:
     if main.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{main_path} has format version {main.get('format_version')}, expected {FORMAT_VERSION}")
     _check_model_state(main["model"], model, main_path)
-    rank_path = rank_dir / f"rank_state_dp{parallel_state.get_data_parallel_rank():03d}.pt"
+    rank_path = rank_dir / f"rank_state_dp{_dp_cp_rank():03d}.pt"
     rank_state = {}
     if not args.finetune and rank_path.exists():
         rank_state = _load_file(rank_path)

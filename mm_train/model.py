@@ -20,6 +20,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
+from mm_train.context_parallel import ContextParallel, context_parallel_layer_spec, use_global_rope_positions
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _SCALED_INIT = (".self_attention.linear_proj.weight", ".mlp.linear_fc2.weight")
 
@@ -52,6 +54,7 @@ def transformer_config(args) -> TransformerConfig:
         perform_initialization=True,  # megatron sets the TP attributes only when it initialises
         use_cpu_initialization=True,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
         params_dtype=dtype,
@@ -82,12 +85,15 @@ def padded_vocab_size(vocab_size: int, args) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def build_model(args, config: TransformerConfig, vocab_size: int, init: bool = True) -> GPTModel:
-    """This rank's GPTModel stage (pre/post-processing by pipeline position), initialised by
-    :func:`initialize` unless ``init`` is False (a model built on the meta device, set later)."""
+def build_model(args, config: TransformerConfig, vocab_size: int,
+                context_parallel: ContextParallel | None = None, init: bool = True) -> GPTModel:
+    """This rank's GPTModel stage (pre/post-processing by pipeline position), initialised by :func:`initialize`
+    unless ``init`` is False (a model built on the meta device, set later); with ``context_parallel``, its
+    attention and rotary embedding work on CP-sharded sequences."""
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization=args.normalization),
+        transformer_layer_spec=context_parallel_layer_spec(
+            get_gpt_layer_local_spec(normalization=args.normalization), context_parallel),
         vocab_size=vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -97,6 +103,7 @@ def build_model(args, config: TransformerConfig, vocab_size: int, init: bool = T
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
     )
+    use_global_rope_positions(model, context_parallel)
     if init:
         initialize(model, args.seed, config)
     return model

@@ -24,9 +24,16 @@ from megatron.core.transformer.module import Float16Module
 from mm_kernels.integrations.megatron import apply_fused_kernels
 from mm_train.arguments import INACTIVE_FLAGS, parse_args
 from mm_train.checkpointing import CheckpointError, TrainingState, load_checkpoint, save_checkpoint
+from mm_train.context_parallel import (
+    ContextParallel,
+    cp_loss_function,
+    sequence_multiple,
+    set_up_context_parallel,
+    shard_batch,
+)
 from mm_train.cpu_adaptor import apply_cpu_adaptor
 from mm_train.data import build_data_iterators, build_tokenizer
-from mm_train.environment import ConfigError, Launch, init_process_group, read_launch
+from mm_train.environment import ConfigError, Launch, init_process_group, process_group_timeout, read_launch
 from mm_train.fsdp2_training import build_fsdp2_optimizer, build_fsdp2_stage, load_dcp, save_dcp
 from mm_train.loss import loss_function, loss_mode
 from mm_train.model import build_model, padded_vocab_size, transformer_config
@@ -48,6 +55,7 @@ class Trainer:
     state: TrainingState
     train_data: Iterator[dict]
     valid_data: Iterator[dict] | None
+    context_parallel: ContextParallel | None = None
     mode: str = field(init=False)
 
     def __post_init__(self):
@@ -92,7 +100,9 @@ def set_up(args, launch: Launch) -> Trainer:
         apply_cpu_adaptor()
     apply_fused_kernels(rmsnorm=args.use_fused_rmsnorm, swiglu=args.use_fused_swiglu)
     parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                             context_parallel_size=args.context_parallel_size,
                                              distributed_timeout_minutes=args.distributed_timeout_minutes)
+    context_parallel = set_up_context_parallel(args, process_group_timeout(args))
     _set_seeds(args.seed)
     tokenizer = build_tokenizer(args)
     vocab = padded_vocab_size(max(tokenizer.vocab_size, args.vocab_size or 0), args)
@@ -101,7 +111,7 @@ def set_up(args, launch: Launch) -> Trainer:
         optimizer = build_fsdp2_optimizer(args, stage)
     else:
         config = transformer_config(args)
-        stage = build_model(args, config, vocab)
+        stage = build_model(args, config, vocab, context_parallel)
         model = _wrap(args, config, stage)
         optimizer = build_optimizer(args, [model])
     scheduler = build_scheduler(args, optimizer)
@@ -114,7 +124,7 @@ def set_up(args, launch: Launch) -> Trainer:
     train_data, valid_data = build_data_iterators(
         args, tokenizer, state.consumed_train_samples, parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size())
-    return Trainer(args, model, stage, optimizer, scheduler, state, train_data, valid_data)
+    return Trainer(args, model, stage, optimizer, scheduler, state, train_data, valid_data, context_parallel)
 
 
 def _pad_to(batch: dict, length: int) -> dict:
@@ -127,22 +137,25 @@ def _pad_to(batch: dict, length: int) -> dict:
             "position_ids": torch.nn.functional.pad(batch["position_ids"], (0, extra))}
 
 
-def next_micro_batches(args, data: Iterator[dict]) -> tuple[list[dict], int]:
+def next_micro_batches(args, data: Iterator[dict],
+                       context_parallel: ContextParallel | None = None) -> tuple[list[dict], int]:
     """This rank's micro-batches of the next global batch, padded to one length (a multiple of TP
-    under sequence parallelism); returns them and that length."""
+    under sequence parallelism and of the context-parallel layout's multiple) and cut to this CP
+    rank's piece; returns them and the padded (global) length."""
     count = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
     batches = [next(data) for _ in range(count)]
     length = max(b["tokens"].shape[1] for b in batches)
-    if args.sequence_parallel:
-        tp = args.tensor_model_parallel_size
-        length = -(-length // tp) * tp
-    return [_pad_to(b, length) for b in batches], length
+    multiple = sequence_multiple(args)
+    length = -(-length // multiple) * multiple
+    return [shard_batch(_pad_to(b, length), context_parallel) for b in batches], length
 
 
-def _forward_step(mode: str):
+def _forward_step(mode: str, context_parallel: ContextParallel | None):
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        if context_parallel is not None:
+            return output, cp_loss_function(mode, batch["loss_mask"], context_parallel)
         return output, loss_function(mode, batch["loss_mask"])
 
     return forward_step
@@ -159,9 +172,9 @@ def _reduce_loss(losses: list[dict]) -> float | None:
 
 def _run_schedule(trainer: Trainer, data: Iterator[dict], forward_only: bool) -> tuple[float | None, int]:
     args = trainer.args
-    batches, length = next_micro_batches(args, data)
+    batches, length = next_micro_batches(args, data, trainer.context_parallel)
     losses = get_forward_backward_func()(
-        forward_step_func=_forward_step(trainer.mode), data_iterator=iter(batches), model=[trainer.model],
+        forward_step_func=_forward_step(trainer.mode, trainer.context_parallel), data_iterator=iter(batches), model=[trainer.model],
         num_microbatches=len(batches), seq_length=length, micro_batch_size=args.micro_batch_size,
         forward_only=forward_only)
     return _reduce_loss(losses), length

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 
 from mm_train.arguments import SCALE_OUT_FLAGS
+from mm_train.context_parallel import check_context_parallel
 from mm_train.environment import ConfigError, Launch, check_device_connections, process_group_timeout
 from mm_train.fsdp2_training import validate_fsdp2_flags
 
@@ -39,11 +40,12 @@ def _fill_defaults(args, data_parallel_size: int) -> None:
 
 
 def _check_layout(args, world_size: int) -> int:
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if tp < 1 or pp < 1:
-        raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
-    if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}")
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    if tp < 1 or pp < 1 or cp < 1:
+        raise ConfigError("--tensor-model-parallel-size, --pipeline-model-parallel-size and "
+                          "--context-parallel-size must be >= 1")
+    if world_size % (tp * pp * cp):
+        raise ConfigError(f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp}")
     if args.num_layers % pp:
         raise ConfigError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
     if args.hidden_size % args.num_attention_heads:
@@ -51,7 +53,7 @@ def _check_layout(args, world_size: int) -> int:
                           f"{args.num_attention_heads}")
     if args.num_attention_heads % tp:
         raise ConfigError(f"--num-attention-heads {args.num_attention_heads} is not divisible by TP {tp}")
-    return world_size // (tp * pp)
+    return world_size // (tp * pp * cp)
 
 
 def _check_model(args) -> None:
@@ -134,6 +136,7 @@ def validate(args, launch: Launch) -> None:
     data_parallel_size = _check_layout(args, launch.world_size)
     _fill_defaults(args, data_parallel_size)
     _check_model(args)
+    check_context_parallel(args)
     _check_training(args)
     _check_parallel_features(args)
     _check_output(args)
