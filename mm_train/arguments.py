@@ -7,8 +7,9 @@ exist besides the working ones:
 - :data:`INACTIVE_FLAGS`: accepted for compatibility and without effect here (e.g.
   ``--use-mcore-models``: the model is always megatron-core's); listed once at start-up.
 - :data:`SCALE_OUT_FLAGS`: parsed, then refused as not yet supported (context parallel,
-  MoE, FSDP2, ``torch_dcp`` checkpoints, meta-device initialisation).
+  FSDP2, ``torch_dcp`` checkpoints, meta-device initialisation).
 - data and tokenizer flags, added by :func:`mm_train.data.add_data_args`.
+- mixture-of-experts flags, added by :func:`mm_train.moe.add_moe_args`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 
 from mm_train.data import add_data_args
+from mm_train.moe import add_moe_args
 
 # Flags accepted so that MindSpeed-MM scripts run, with no effect on this trainer.
 INACTIVE_FLAGS = (
@@ -39,13 +41,6 @@ SCALE_OUT_FLAGS = (
     ("context_parallel_size", 1),
     ("context_parallel_algo", None),
     ("ulysses_degree_in_cp", None),
-    ("expert_model_parallel_size", 1),
-    ("num_experts", None),
-    ("moe_token_dispatcher_type", None),
-    ("moe_permute_fusion", False),
-    ("moe_router_topk", None),
-    ("moe_aux_loss_coeff", None),
-    ("moe_grouped_gemm", False),
     ("use_torch_fsdp2", False),
     ("fsdp2_config_path", None),
     ("init_model_with_meta_device", False),
@@ -169,13 +164,6 @@ def _scale_out_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--context-parallel-algo", default=None,
                        choices=["ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo"])
     group.add_argument("--ulysses-degree-in-cp", type=int, default=None)
-    group.add_argument("--expert-model-parallel-size", type=int, default=1)
-    group.add_argument("--num-experts", type=int, default=None)
-    group.add_argument("--moe-token-dispatcher-type", default=None, choices=["allgather", "alltoall"])
-    group.add_argument("--moe-permute-fusion", action="store_true")
-    group.add_argument("--moe-router-topk", type=int, default=None)
-    group.add_argument("--moe-aux-loss-coeff", type=float, default=None)
-    group.add_argument("--moe-grouped-gemm", action="store_true")
     group.add_argument("--use-torch-fsdp2", action="store_true")
     group.add_argument("--fsdp2-config-path", default=None)
     group.add_argument("--init-model-with-meta-device", action="store_true")
@@ -195,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     _parallel_args(parser)
     _output_args(parser)
     add_data_args(parser)
+    add_moe_args(parser)
     _inactive_args(parser)
     _scale_out_args(parser)
     return parser
