@@ -23,8 +23,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
 from mm_train.environment import ConfigError
 
-_LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
-_GROUPED_WEIGHT = re.compile(r"\.mlp\.experts\.weight([12])$")
+_LOCAL_EXPERT = re.compile(r"experts\.local_experts\.(\d+)\.")
+_GROUPED_WEIGHT = re.compile(r"experts\.weight([12])$")
 
 # Flags that only mean something with --num-experts: (attribute, value meaning "not set").
 _NEEDS_EXPERTS = (
@@ -136,21 +136,22 @@ def _global_expert(local: int, num_local: int) -> int:
 def expert_full_value(name: str, param: torch.nn.Parameter, num_local_experts: int, hidden: int, draw) -> torch.Tensor:
     """The value of expert parameter ``name`` on this rank, from ``draw(global name, shape)``.
 
-    ``name`` is already a global-layer name. A ``local_experts.i`` weight is drawn as
-    ``local_experts.{global index of i}``. A grouped ``weight1`` [H, n*F1] / ``weight2`` [n*F, H]
+    ``name`` is already a global-layer name. A ``experts.local_experts.i`` weight is drawn as
+    ``experts.local_experts.{global index of i}``. A grouped ``weight1`` [H, n*F1] / ``weight2`` [n*F, H]
     packs, for each local expert e, the transpose of the sequential fc1 [F1, H] / fc2 [H, F]
     weight of expert e (GroupedMLP views the flat memory as [n, H, F1] and [n, F, H]).
     """
     local = _LOCAL_EXPERT.search(name)
     if local:
         expert = _global_expert(int(local.group(1)), num_local_experts)
-        return draw(name[:local.start()] + f".mlp.experts.local_experts.{expert}." + name[local.end():],
+        return draw(name[:local.start()] + f"experts.local_experts.{expert}." + name[local.end():],
                     list(param.shape))
     grouped = _GROUPED_WEIGHT.search(name)
-    prefix = name[:grouped.start()] + ".mlp.experts.local_experts."
-    fc, per_expert = ("linear_fc1", param.shape[1] // num_local_experts) if grouped.group(1) == "1" else \
-        ("linear_fc2", param.shape[0] // num_local_experts)
-    shape = [per_expert, hidden] if fc == "linear_fc1" else [hidden, per_expert]
+    prefix = name[:grouped.start()] + "experts.local_experts."
+    if grouped.group(1) == "1":
+        fc, shape = "linear_fc1", [param.shape[1] // num_local_experts, hidden]
+    else:
+        fc, shape = "linear_fc2", [hidden, param.shape[0] // num_local_experts]
     blocks = [draw(f"{prefix}{_global_expert(e, num_local_experts)}.{fc}.weight", shape).t().reshape(-1)
               for e in range(num_local_experts)]
     return torch.cat(blocks).view(param.shape)
