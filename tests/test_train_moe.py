@@ -191,8 +191,10 @@ def test_expert_parallel_reproduces_single_process_curve(reference_curve):
 @pytest.mark.distributed
 def test_capacity_padding_with_expert_parallel_and_fusion(reference_curve):
     single = losses(run_train(TINY + MOE + CAPACITY + ["--train-iters", str(ITERS)]))
-    assert max(abs(a - b) / b for a, b in zip(single, reference_curve, strict=True)) > 1e-3, \
+    # Dropping shifts this tiny model's curve by ~6e-4 (relative), while the same computation at
+    # another layout agrees to ~2e-7: a tolerance well below the shift shows the padded path ran.
+    assert max(abs(a - b) / b for a, b in zip(single, reference_curve, strict=True)) > 1e-4, \
         "capacity 0.5 dropped no tokens"
     parallel = losses(run_train(TINY + MOE + CAPACITY + ["--train-iters", str(ITERS), "--expert-model-parallel-size",
                                                          "2", "--moe-permute-fusion"], nproc=2))
-    _rel_close(parallel, single, RTOL)
+    _rel_close(parallel, single, 1e-5)
