@@ -75,6 +75,13 @@ def check_moe(args, tp_dp_size: int) -> None:
         raise ConfigError(f"--num-experts {experts} is not divisible by --expert-model-parallel-size {ep}")
     if tp_dp_size % ep:
         raise ConfigError(f"--expert-model-parallel-size {ep} does not divide TP x DP = {tp_dp_size}")
+    tp = args.tensor_model_parallel_size
+    if tp > 1 and not args.sequence_parallel:
+        raise ConfigError("--num-experts with --tensor-model-parallel-size > 1 needs --sequence-parallel "
+                          "(megatron-core's MoE layer refuses it otherwise)")
+    if tp > 1 and ep > 1:
+        raise ConfigError("--expert-model-parallel-size > 1 with --tensor-model-parallel-size > 1 is not yet "
+                          "supported by mm-train")
     if args.moe_permute_fusion and args.moe_token_dispatcher_type != "alltoall":
         raise ConfigError("--moe-permute-fusion needs --moe-token-dispatcher-type alltoall "
                           f"(got {args.moe_token_dispatcher_type})")

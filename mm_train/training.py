@@ -94,6 +94,7 @@ def set_up(args, launch: Launch) -> Trainer:
                         moe_permute=args.moe_permute_fusion)
     parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                                              expert_model_parallel_size=args.expert_model_parallel_size,
+                                             expert_tensor_parallel_size=1 if args.num_experts else None,
                                              distributed_timeout_minutes=args.distributed_timeout_minutes)
     _set_seeds(args.seed)
     tokenizer = build_tokenizer(args)

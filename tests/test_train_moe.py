@@ -1,8 +1,11 @@
 """Mixture of experts in mm-train: flag checks, the fused-permute swap, megatron-core's MoE layer on
 two expert-parallel gloo ranks with every token sent to rank 0's experts, and end-to-end curves
-(loss falls; fused permute, expert parallelism and capacity padding reproduce the reference)."""
+(loss falls; fused permute, expert parallelism and capacity padding reproduce the reference; an
+expert-parallel checkpoint resumes the curve)."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
@@ -23,7 +26,7 @@ CAPACITY = ["--moe-expert-capacity-factor", "0.5", "--moe-pad-expert-input-to-ca
 
 
 def _rel_close(actual: list[float], expected: list[float], rtol: float) -> None:
-    assert len(actual) == len(expected) == ITERS, f"{len(actual)} / {len(expected)} logged iterations"
+    assert len(actual) == len(expected), f"{len(actual)} logged iterations, expected {len(expected)}"
     for step, (a, e) in enumerate(zip(actual, expected, strict=True), start=1):
         assert abs(a - e) <= rtol * abs(e), f"iteration {step}: loss {a} vs {e} (rtol {rtol})"
 
@@ -39,8 +42,11 @@ REFUSED = {
                             "--moe-router-topk 3 must be in [1, --num-experts 2]"),
     "experts not divisible by EP": (["--num-experts", "3", "--expert-model-parallel-size", "2"],
                                     "--num-experts 3 is not divisible by --expert-model-parallel-size 2"),
-    "EP larger than the world": (["--num-experts", "4", "--expert-model-parallel-size", "2"],
-                                 "--expert-model-parallel-size 2 does not divide TP x DP = 1"),
+    "EP larger than the world": (["--num-experts", "4", "--expert-model-parallel-size", "4"],
+                                 "--expert-model-parallel-size 4 does not divide TP x DP = 2"),
+    "tensor parallel without sequence parallel": (["--num-experts", "4", "--tensor-model-parallel-size", "2"],
+                                                  "--num-experts with --tensor-model-parallel-size > 1 needs "
+                                                  "--sequence-parallel"),
     "pad without capacity": (["--num-experts", "4", "--moe-pad-expert-input-to-capacity"],
                              "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor"),
     "grouped GEMM in fp32": (["--num-experts", "4", "--moe-grouped-gemm"], "--moe-grouped-gemm needs --bf16"),
@@ -51,7 +57,8 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
-def test_bad_moe_flags_are_refused_in_one_line(case, capsys):
+def test_bad_moe_flags_are_refused_in_one_line(case, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # checked before any process group starts
     flags, message = REFUSED[case]
     assert main(TINY + flags) == 2
     err = capsys.readouterr().err
@@ -179,12 +186,35 @@ def test_fused_permute_matches_reference_permute(reference_curve):
     _rel_close(fused, reference_curve, RTOL)
 
 
+@pytest.fixture(scope="module")
+def expert_parallel_run(tmp_path_factory):
+    """EP = 2 on two ranks, saving at iteration 5 and at the end; (curve, log, checkpoint directory)."""
+    save = tmp_path_factory.mktemp("ep2_ckpt")
+    result = run_train(TINY + MOE + ["--train-iters", str(ITERS), "--expert-model-parallel-size", "2",
+                                     "--save", str(save), "--save-interval", "5"], nproc=2)
+    return losses(result), result.stdout, save
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_expert_parallel_reproduces_single_process_curve(reference_curve):
-    result = run_train(TINY + MOE + ["--train-iters", str(ITERS), "--expert-model-parallel-size", "2"], nproc=2)
-    assert "load_balancing_loss: " in result.stdout
-    _rel_close(losses(result), reference_curve, RTOL)
+def test_expert_parallel_reproduces_single_process_curve(reference_curve, expert_parallel_run):
+    curve, log, _ = expert_parallel_run
+    assert "load_balancing_loss: " in log
+    _rel_close(curve, reference_curve, RTOL)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_expert_parallel_resume_continues_the_curve(expert_parallel_run, tmp_path):
+    curve, _, save = expert_parallel_run
+    for ep_rank in (0, 1):  # each expert-parallel rank keeps its own experts
+        assert (save / "iter_0000005" / f"mp_rank_00_000_{ep_rank:03d}" / "model_optim_rng.pt").is_file()
+    resumed = tmp_path / "ckpt"
+    shutil.copytree(save, resumed)
+    (resumed / "latest_checkpointed_iteration.txt").write_text("5")
+    result = run_train(TINY + MOE + ["--train-iters", str(ITERS), "--expert-model-parallel-size", "2",
+                                     "--load", str(resumed)], nproc=2)
+    _rel_close(losses(result), curve[5:], 1e-4)
 
 
 @pytest.mark.slow
