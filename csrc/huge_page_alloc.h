@@ -1,36 +1,29 @@
-// Output allocation for streaming kernels: large tensors backed by transparent huge pages.
+// Output allocation for streaming kernels: large tensors on transparent huge pages, reused.
 //
 // A large at::empty gets fresh pages from the kernel, and a kernel that writes it once pays a
-// page fault per 4 KiB page (about as much time as the writes themselves). Advising the
-// allocation for huge pages before the first write makes that one fault per 2 MiB. This is what
-// torch's THP_MEM_ALLOC_ENABLE=1 does for every allocation; here only for kernel outputs.
+// page fault per 4 KiB page plus the kernel zeroing the page (here a 64 MiB output costs more
+// than twice the time to copy it). Kernel outputs are allocated here instead:
+// - blocks of 2 MiB or more are 2 MiB aligned and advised MADV_HUGEPAGE (one fault per 2 MiB,
+//   as torch's THP_MEM_ALLOC_ENABLE=1 does for every allocation);
+// - freed blocks are kept, up to kCachedBytesLimit in all (oldest released first), and handed
+//   out again for a request of the same rounded size: a training step allocates the same
+//   activation sizes every iteration and gets memory that is already mapped.
+// Smaller outputs come from the default CPU allocator.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <cstddef>
 
-#include <cstdint>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include <ATen/core/Tensor.h>
 
 namespace mmk {
 
-// at::empty(sizes, options), advised for transparent huge pages when it spans 4 MiB or more.
-inline at::Tensor empty_huge_page_advised(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
-  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t end = begin + out.nbytes();
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = end & ~(kHugePage - 1);
-  if (out.nbytes() >= 2 * kHugePage && last > first) {
-    // Advice only: on failure the pages stay small.
-    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-  return out;
-}
+// Upper bound on the bytes of freed blocks kept for reuse.
+constexpr size_t kCachedBytesLimit = size_t{256} << 20;
+
+// Like at::empty(sizes, options) for a CPU tensor: uninitialised, contiguous.
+at::Tensor empty_huge_page_advised(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// Bytes currently held in freed blocks for reuse.
+size_t cached_output_bytes();
 
 }  // namespace mmk

@@ -6,8 +6,8 @@ exist besides the working ones:
 
 - :data:`INACTIVE_FLAGS`: accepted for compatibility and without effect here (e.g.
   ``--use-mcore-models``: the model is always megatron-core's); listed once at start-up.
-- :data:`SCALE_OUT_FLAGS`: parsed, then refused as not yet supported (context parallel,
-  FSDP2, ``torch_dcp`` checkpoints, meta-device initialisation).
+- :data:`SCALE_OUT_FLAGS`: parsed, then refused as not yet supported (context parallel, virtual
+  pipeline stages, the --mm-* configuration files).
 - data and tokenizer flags, added by :func:`mm_train.data.add_data_args`.
 - mixture-of-experts flags, added by :func:`mm_train.moe.add_moe_args`.
 """
@@ -33,7 +33,6 @@ INACTIVE_FLAGS = (
     "reuse_fp32_param",
     "enable_one_logger",
     "log_throughput",
-    "use_cpu_initialization",
 )
 
 # Flags of the scale-out features: (attribute, value meaning "off").
@@ -41,9 +40,6 @@ SCALE_OUT_FLAGS = (
     ("context_parallel_size", 1),
     ("context_parallel_algo", None),
     ("ulysses_degree_in_cp", None),
-    ("use_torch_fsdp2", False),
-    ("fsdp2_config_path", None),
-    ("init_model_with_meta_device", False),
     ("num_layers_per_virtual_pipeline_stage", None),
     ("mm_data", None),
     ("mm_model", None),
@@ -152,6 +148,17 @@ def _output_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tensorboard-log-interval", type=int, default=1)
 
 
+def _fsdp2_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("FSDP2")
+    group.add_argument("--use-torch-fsdp2", action="store_true",
+                       help="shard parameters, gradients and optimizer state with torch FSDP2 over all ranks")
+    group.add_argument("--fsdp2-config-path", default=None, help="FSDP2 settings (YAML)")
+    group.add_argument("--use-cpu-initialization", action="store_true",
+                       help="build and initialise the model in host memory (required by --use-torch-fsdp2)")
+    group.add_argument("--init-model-with-meta-device", action="store_true",
+                       help="build on the meta device, shard, then allocate and initialise only the shards")
+
+
 def _inactive_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("accepted for compatibility (no effect here)")
     for name in INACTIVE_FLAGS:
@@ -164,9 +171,6 @@ def _scale_out_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--context-parallel-algo", default=None,
                        choices=["ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo"])
     group.add_argument("--ulysses-degree-in-cp", type=int, default=None)
-    group.add_argument("--use-torch-fsdp2", action="store_true")
-    group.add_argument("--fsdp2-config-path", default=None)
-    group.add_argument("--init-model-with-meta-device", action="store_true")
     group.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     group.add_argument("--mm-data", default=None)
     group.add_argument("--mm-model", default=None)
@@ -183,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     _parallel_args(parser)
     _output_args(parser)
     add_data_args(parser)
+    _fsdp2_args(parser)
     add_moe_args(parser)
     _inactive_args(parser)
     _scale_out_args(parser)

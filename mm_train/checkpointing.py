@@ -80,24 +80,33 @@ def _optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def _rng_state() -> dict:
+def rng_state(tracker=None) -> dict:
+    """Python, numpy, torch (and accelerator) RNG states, plus ``tracker.get_states()`` when a
+    Megatron RNG tracker is given; tensors and plain values only (loadable with weights_only)."""
     py_version, py_state, py_gauss = random.getstate()
     np_state = np.random.get_state()
     state = {"python": [py_version, list(py_state), py_gauss],
              "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-             "torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+             "torch": torch.get_rng_state()}
+    if tracker is not None:
+        state["tracker"] = tracker.get_states()
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, tracker=None) -> None:
+    """Restores what :func:`rng_state` returned; with ``tracker``, its states too (CheckpointError
+    when the saved state has none)."""
+    if tracker is not None and "tracker" not in state:
+        raise CheckpointError("the checkpoint has no RNG tracker states; pass --no-load-rng")
     version, py_state, gauss = state["python"]
     random.setstate((version, tuple(py_state), gauss))
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy(), *rest))
     torch.set_rng_state(state["torch"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
+    if tracker is not None:
+        tracker.set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -126,19 +135,48 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
 
 
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def barrier() -> None:
+    """torch.distributed.barrier() when a process group exists (single-process use needs none)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def start_staging(root: str | Path, iteration: int) -> tuple[Path, Path]:
+    """(final, staging) directories of ``iteration``: rank 0 recreates an empty ``iter_N.tmp``,
+    then all ranks meet (collective)."""
+    final = iteration_dir(root, iteration)
+    staging = final.with_name(final.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
+    return final, staging
+
+
+def publish(root: str | Path, staging: Path, final: Path, iteration: int) -> None:
+    """Rank 0 only, after every rank has written into ``staging``: renames it to ``final``
+    (replacing an older copy) and then atomically rewrites the latest-iteration marker."""
+    previous = final.with_name(final.name + ".old")
+    if final.exists():
+        os.replace(final, previous)
+    os.replace(staging, final)
+    shutil.rmtree(previous, ignore_errors=True)
+    tracker = Path(root) / TRACKER
+    _fsync_write(tracker.with_name(TRACKER + ".tmp"), str(iteration))
+    os.replace(tracker.with_name(TRACKER + ".tmp"), tracker)
+
+
 def save_checkpoint(root: str, state: TrainingState, model, optimizer, scheduler, args) -> Path:
     """Writes iteration ``state.iteration`` under ``root`` atomically (collective over all ranks).
 
     model: the unwrapped GPTModel stage of this rank. Optimizer state is left out with
     --no-save-optim, RNG states with --no-save-rng.
     """
-    final = iteration_dir(root, state.iteration)
-    staging = final.with_name(final.name + ".tmp")
-    rank = torch.distributed.get_rank()
-    if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    torch.distributed.barrier()
+    final, staging = start_staging(root, state.iteration)
     rank_dir = staging / _rank_dir_name()
     rank_dir.mkdir(exist_ok=True)
     distributed = args.use_distributed_optimizer
@@ -151,23 +189,18 @@ def save_checkpoint(root: str, state: TrainingState, model, optimizer, scheduler
         torch.save(payload, rank_dir / "model_optim_rng.pt")
     rank_state = {}
     if not args.no_save_rng:
-        rank_state["rng"] = _rng_state()
+        rank_state["rng"] = rng_state(get_cuda_rng_tracker())
     if not args.no_save_optim and distributed:
         rank_state["distributed_optimizer"] = _distributed_shards(optimizer)
     torch.save(rank_state, rank_dir / f"rank_state_dp{parallel_state.get_data_parallel_rank():03d}.pt")
-    torch.distributed.barrier()
-    if rank == 0:
+    barrier()
+    if _rank() == 0:
         files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*.pt"))}
         manifest = {"format_version": FORMAT_VERSION, "iteration": state.iteration, "layout": _layout(),
                     "files": files}
         _fsync_write(staging / MANIFEST, json.dumps(manifest, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        tracker = Path(root) / TRACKER
-        _fsync_write(tracker.with_name(TRACKER + ".tmp"), str(state.iteration))
-        os.replace(tracker.with_name(TRACKER + ".tmp"), tracker)
-    torch.distributed.barrier()
+        publish(root, staging, final, state.iteration)
+    barrier()
     return final
 
 
@@ -239,9 +272,13 @@ def _read_rank_files(directory: Path, model, args) -> tuple[dict, dict]:
     return main, rank_state
 
 
-def _all_ranks_ok(error: str | None) -> None:
-    errors = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(errors, error)
+def all_ranks_ok(error: str | None) -> None:
+    """Raises CheckpointError on every rank when any rank reports an ``error`` (so no rank is left
+    waiting in a later collective); a rank's own error is raised as is, another's names that rank."""
+    errors = [error]
+    if torch.distributed.is_initialized():
+        errors = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(errors, error)
     if error is not None:
         raise CheckpointError(error)
     failures = [(rank, e) for rank, e in enumerate(errors) if e is not None]
@@ -293,7 +330,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, args) -> TrainingSta
         main, rank_state = _read_rank_files(directory, model, args)
     except CheckpointError as failure:
         error = str(failure)
-    _all_ranks_ok(error)
+    all_ranks_ok(error)
     model.load_state_dict(main["model"], strict=True)
     if args.finetune:
         return TrainingState()
@@ -301,5 +338,5 @@ def load_checkpoint(root: str, model, optimizer, scheduler, args) -> TrainingSta
         _apply_optimizer(main, rank_state, optimizer, directory, args)
         scheduler.load_state_dict(main["opt_param_scheduler"])
     if not args.no_load_rng and "rng" in rank_state:
-        _set_rng_state(rank_state["rng"])
+        set_rng_state(rank_state["rng"], get_cuda_rng_tracker())
     return TrainingState(main["iteration"], main["consumed_train_samples"])

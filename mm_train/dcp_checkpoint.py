@@ -19,14 +19,10 @@ are read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import os
-import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -38,14 +34,21 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+from mm_train.checkpointing import (
+    CheckpointError,
+    all_ranks_ok,
+    barrier,
+    iteration_dir,
+    latest_iteration,
+    publish,
+    rng_state,
+    set_rng_state,
+    start_staging,
+)
+
 COMMON_FILENAME = "common.pt"
 DCP_METADATA = ".metadata"
 FORMAT = "torch_dcp"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded: missing, partial, corrupt, or incompatible."""
 
 
 @dataclass
@@ -57,51 +60,9 @@ class LoadedCheckpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def iteration_dir(checkpoint_dir: str | Path, iteration: int) -> Path:
-    """``<checkpoint_dir>/iter_0000010`` for iteration 10 (Megatron's naming)."""
-    return Path(checkpoint_dir) / f"iter_{iteration:07d}"
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def _rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
-def _rng_state(rng_tracker: Any) -> dict[str, Any]:
-    version, mt_state, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {
-        "python": (version, list(mt_state), gauss),
-        "numpy": (np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if rng_tracker is not None:
-        state["tracker"] = rng_tracker.get_states()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], rng_tracker: Any) -> None:
-    version, mt_state, gauss = state["python"]
-    random.setstate((version, tuple(mt_state), gauss))
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if rng_tracker is not None:
-        if "tracker" not in state:
-            raise CheckpointError("the checkpoint has no RNG tracker states; pass --no-load-rng")
-        rng_tracker.set_states(state["tracker"])
+    distributed = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
 
 
 def save_dcp_checkpoint(checkpoint_dir: str | Path, iteration: int, model: nn.Module,
@@ -117,19 +78,14 @@ def save_dcp_checkpoint(checkpoint_dir: str | Path, iteration: int, model: nn.Mo
     Returns the final iteration directory.
     """
     rank, world_size = _rank_world()
-    final = iteration_dir(checkpoint_dir, iteration)
-    tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
+    final, tmp = start_staging(checkpoint_dir, iteration)
     if save_optim and optimizer is not None:
         model_state, optim_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
     else:
         dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp)
     if save_rng:
-        torch.save(_rng_state(rng_tracker), tmp / f"rng_rank_{rank}.pt")
+        torch.save(rng_state(rng_tracker), tmp / f"rng_rank_{rank}.pt")
     if rank == 0:
         torch.save({
             "format": FORMAT,
@@ -141,42 +97,11 @@ def save_dcp_checkpoint(checkpoint_dir: str | Path, iteration: int, model: nn.Mo
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "extra": extra or {},
         }, tmp / COMMON_FILENAME)
-    _barrier()
+    barrier()
     if rank == 0:
-        previous = final.with_name(final.name + ".old")
-        if final.exists():
-            os.replace(final, previous)
-        os.replace(tmp, final)
-        shutil.rmtree(previous, ignore_errors=True)
-        marker = Path(checkpoint_dir) / TRACKER_FILENAME
-        marker_tmp = marker.with_name(marker.name + ".tmp")
-        marker_tmp.write_text(f"{iteration}\n")
-        os.replace(marker_tmp, marker)
-    _barrier()
+        publish(checkpoint_dir, tmp, final, iteration)
+    barrier()
     return final
-
-
-def latest_iteration(checkpoint_dir: str | Path) -> int | None:
-    """The iteration named by ``<checkpoint_dir>/latest_checkpointed_iteration.txt``; None without one."""
-    marker = Path(checkpoint_dir) / TRACKER_FILENAME
-    if not marker.is_file():
-        return None
-    text = marker.read_text().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{marker}: expected an iteration number, found {text[:40]!r}")
-    return int(text)
-
-
-def _raise_on_every_rank(error: str | None) -> None:
-    """Raises CheckpointError on all ranks when any rank has an ``error`` (so none is left waiting)."""
-    errors = [error]
-    if _distributed():
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-    failures = [(rank, message) for rank, message in enumerate(errors) if message is not None]
-    if failures:
-        rank, message = failures[0]
-        raise CheckpointError(message if len(errors) == 1 else f"rank {rank}: {message}")
 
 
 def _read_common(path: Path) -> dict[str, Any]:
@@ -229,7 +154,7 @@ def load_dcp_checkpoint(checkpoint_dir: str | Path, model: nn.Module, optimizer:
             rng = torch.load(path / f"rng_rank_{rank}.pt", weights_only=True)
     except Exception as failure:
         error = f"{path / f'rng_rank_{rank}.pt'}: unreadable ({type(failure).__name__})"
-    _raise_on_every_rank(error)
+    all_ranks_ok(error)
     try:
         if load_optim:
             model_state, optim_state = get_state_dict(model, optimizer)
@@ -244,7 +169,7 @@ def load_dcp_checkpoint(checkpoint_dir: str | Path, model: nn.Module, optimizer:
         first_line = next(iter(str(failure).strip().splitlines()), type(failure).__name__)
         raise CheckpointError(f"{path}: corrupt or incompatible checkpoint: {first_line}") from failure
     if rng is not None:
-        _set_rng_state(rng, rng_tracker)
+        set_rng_state(rng, rng_tracker)
     if scheduler is not None and load_optim and common["scheduler"] is not None:
         scheduler.load_state_dict(common["scheduler"])
     return LoadedCheckpoint(common["iteration"], common["consumed_samples"], common["extra"])

@@ -84,8 +84,9 @@ def padded_vocab_size(vocab_size: int, args) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def build_model(args, config: TransformerConfig, vocab_size: int) -> GPTModel:
-    """This rank's GPTModel stage (pre/post-processing by pipeline position), initialised by :func:`initialize`."""
+def build_model(args, config: TransformerConfig, vocab_size: int, init: bool = True) -> GPTModel:
+    """This rank's GPTModel stage (pre/post-processing by pipeline position), initialised by
+    :func:`initialize` unless ``init`` is False (a model built on the meta device, set later)."""
     model = GPTModel(
         config=config,
         transformer_layer_spec=moe.layer_spec(args),
@@ -98,7 +99,8 @@ def build_model(args, config: TransformerConfig, vocab_size: int) -> GPTModel:
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
     )
-    initialize(model, args.seed, config)
+    if init:
+        initialize(model, args.seed, config)
     return model
 
 

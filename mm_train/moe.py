@@ -75,6 +75,8 @@ def check_moe(args, tp_dp_size: int) -> None:
         raise ConfigError(f"--num-experts {experts} is not divisible by --expert-model-parallel-size {ep}")
     if tp_dp_size % ep:
         raise ConfigError(f"--expert-model-parallel-size {ep} does not divide TP x DP = {tp_dp_size}")
+    if args.use_torch_fsdp2:
+        raise ConfigError("--num-experts with --use-torch-fsdp2 is not yet supported by mm-train")
     tp = args.tensor_model_parallel_size
     if tp > 1 and not args.sequence_parallel:
         raise ConfigError("--num-experts with --tensor-model-parallel-size > 1 needs --sequence-parallel "

@@ -27,6 +27,7 @@ from mm_train.checkpointing import CheckpointError, TrainingState, load_checkpoi
 from mm_train.cpu_adaptor import apply_cpu_adaptor
 from mm_train.data import build_data_iterators, build_tokenizer
 from mm_train.environment import ConfigError, Launch, init_process_group, read_launch
+from mm_train.fsdp2_training import build_fsdp2_optimizer, build_fsdp2_stage, load_dcp, save_dcp
 from mm_train.loss import loss_function, loss_mode
 from mm_train.model import build_model, padded_vocab_size, transformer_config
 from mm_train.moe import aux_loss_figures
@@ -41,7 +42,7 @@ class Trainer:
     """Everything one rank trains with."""
 
     args: object
-    model: DistributedDataParallel
+    model: DistributedDataParallel | torch.nn.Module  # the FSDP2-sharded stage itself with --use-torch-fsdp2
     stage: torch.nn.Module
     optimizer: object
     scheduler: object
@@ -99,12 +100,21 @@ def set_up(args, launch: Launch) -> Trainer:
     _set_seeds(args.seed)
     tokenizer = build_tokenizer(args)
     vocab = padded_vocab_size(max(tokenizer.vocab_size, args.vocab_size or 0), args)
-    config = transformer_config(args)
-    stage = build_model(args, config, vocab)
-    model = _wrap(args, config, stage)
-    optimizer = build_optimizer(args, [model])
+    if args.use_torch_fsdp2:
+        stage = model = build_fsdp2_stage(args, vocab, launch)
+        optimizer = build_fsdp2_optimizer(args, stage)
+    else:
+        config = transformer_config(args)
+        stage = build_model(args, config, vocab)
+        model = _wrap(args, config, stage)
+        optimizer = build_optimizer(args, [model])
     scheduler = build_scheduler(args, optimizer)
-    state = load_checkpoint(args.load, stage, optimizer, scheduler, args) if args.load else TrainingState()
+    if args.load and args.ckpt_format == "torch_dcp":
+        state = load_dcp(args, stage, optimizer, scheduler)
+    elif args.load:
+        state = load_checkpoint(args.load, stage, optimizer, scheduler, args)
+    else:
+        state = TrainingState()
     train_data, valid_data = build_data_iterators(
         args, tokenizer, state.consumed_train_samples, parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size())
@@ -170,7 +180,8 @@ def train_step(trainer: Trainer) -> tuple[float | None, float | None, bool, int]
 
     Returns (loss on the last rank else None, grad norm, whether the update happened, sequence length).
     """
-    trainer.model.zero_grad_buffer()
+    if not trainer.args.use_torch_fsdp2:
+        trainer.model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
     loss, length = _run_schedule(trainer, trainer.train_data, forward_only=False)
     updated, grad_norm, _ = trainer.optimizer.step()
@@ -201,8 +212,11 @@ def _save(trainer: Trainer) -> None:
     overlapped = trainer.args.overlap_param_gather
     if overlapped:
         trainer.model.disable_forward_pre_hook(param_sync=True)
-    save_checkpoint(trainer.args.save, trainer.state, trainer.stage, trainer.optimizer, trainer.scheduler,
-                    trainer.args)
+    if trainer.args.ckpt_format == "torch_dcp":
+        save_dcp(trainer.args, trainer.state, trainer.stage, trainer.optimizer, trainer.scheduler)
+    else:
+        save_checkpoint(trainer.args.save, trainer.state, trainer.stage, trainer.optimizer, trainer.scheduler,
+                        trainer.args)
     _print_last(f"saved checkpoint at iteration {trainer.state.iteration} to {trainer.args.save}")
     if overlapped:
         trainer.model.enable_forward_pre_hook()

@@ -10,6 +10,7 @@ import importlib.util
 
 from mm_train.arguments import SCALE_OUT_FLAGS
 from mm_train.environment import ConfigError, Launch, check_device_connections, process_group_timeout
+from mm_train.fsdp2_training import validate_fsdp2_flags
 from mm_train.moe import check_moe
 
 
@@ -18,8 +19,6 @@ def _refuse_scale_out(args) -> None:
         if getattr(args, name) != off:
             flag = "--" + name.replace("_", "-")
             raise ConfigError(f"{flag} is not yet supported by mm-train")
-    if args.ckpt_format == "torch_dcp":
-        raise ConfigError("--ckpt-format torch_dcp is not yet supported by mm-train (use torch)")
 
 
 def _swiglu_ffn_default(hidden: int) -> int:
@@ -132,6 +131,7 @@ def validate(args, launch: Launch) -> None:
     Raises ConfigError with a one-line message on the first problem.
     """
     _refuse_scale_out(args)
+    validate_fsdp2_flags(args, launch.world_size)
     data_parallel_size = _check_layout(args, launch.world_size)
     _fill_defaults(args, data_parallel_size)
     _check_model(args)

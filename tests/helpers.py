@@ -34,6 +34,11 @@ def cpu_backends() -> list[str]:
     return names
 
 
+def device_for(backend: str) -> torch.device:
+    """Device of the test tensors for ``backend``: Triton runs on CUDA when present, else interpreted on CPU."""
+    return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+
+
 def tolerance(dtype: torch.dtype, scale: float = 1.0) -> dict[str, float]:
     """atol/rtol for ``dtype``, both multiplied by ``scale`` (e.g. sqrt(rows) for weight gradients)."""
     tol = TOLERANCES[dtype]
@@ -45,3 +50,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     """Compares ``actual`` with an fp32/fp64 ``expected`` using the tolerance of ``dtype``."""
     torch.testing.assert_close(actual.to(expected.dtype), expected, **tolerance(dtype, scale),
                                msg=lambda m: f"{name}: {m}")
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| in fp64; the absolute error when expected is all zeros."""
+    if expected.numel() == 0:
+        return 0.0
+    diff = (actual.double() - expected.double()).abs().max().item()
+    largest = expected.double().abs().max().item()
+    return diff / largest if largest > 0 else diff

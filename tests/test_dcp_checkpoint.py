@@ -9,19 +9,12 @@ import json
 import pytest
 import torch
 
-from mm_train.dcp_checkpoint import (
-    TRACKER_FILENAME,
-    CheckpointError,
-    LoadedCheckpoint,
-    iteration_dir,
-    latest_iteration,
-    load_dcp_checkpoint,
-    save_dcp_checkpoint,
-)
+from mm_train.checkpointing import TRACKER, CheckpointError, iteration_dir, latest_iteration
+from mm_train.dcp_checkpoint import LoadedCheckpoint, load_dcp_checkpoint, save_dcp_checkpoint
 from mm_train.fsdp2 import FSDP2Config, apply_fsdp2
 from mm_train.meta_init import build_fsdp2_model_on_meta
 from mm_train.param_init import init_parameters_
-from tests.distributed import run_on_ranks
+from tests.distributed import run_ranks
 from tests.toy_transformer import ToyTransformer, global_rng_batch, keyed_batch, keyed_full_value, train
 
 INIT = keyed_full_value(seed=99)
@@ -77,7 +70,7 @@ def check_resume_on_two_ranks(rank: int, world_size: int, tmp_path) -> None:
 
 @pytest.mark.distributed
 def test_fsdp2_save_resume_and_reshard_to_one_process(tmp_path):
-    run_on_ranks(check_resume_on_two_ranks, 2, tmp_path, timeout=180)
+    run_ranks(check_resume_on_two_ranks, 2, tmp_path, timeout=180)
     uninterrupted = json.loads((tmp_path / "keyed_curve.json").read_text())
     checkpoint_dir = tmp_path / "keyed_data"
     assert latest_iteration(checkpoint_dir) == SAVE_AT
@@ -118,7 +111,7 @@ def test_save_overwrites_iteration_and_moves_marker_last(saved):
     assert load_into_fresh(saved, load_optim=False, load_rng=False).consumed_samples == 16
     save_dcp_checkpoint(saved, 5, model, None, save_rng=False)
     assert latest_iteration(saved) == 5 and (saved / "iter_0000002").is_dir()
-    assert sorted(p.name for p in saved.iterdir()) == ["iter_0000002", "iter_0000005", TRACKER_FILENAME]
+    assert sorted(p.name for p in saved.iterdir()) == ["iter_0000002", "iter_0000005", TRACKER]
 
 
 def test_leftover_temp_dir_is_ignored(saved):
@@ -135,13 +128,13 @@ def test_no_marker_means_fresh_start(tmp_path):
 
 
 def test_garbled_marker(saved):
-    (saved / TRACKER_FILENAME).write_text("latest\n")
-    with pytest.raises(CheckpointError, match="expected an iteration number"):
+    (saved / TRACKER).write_text("latest\n")
+    with pytest.raises(CheckpointError, match="should hold an iteration number"):
         load_into_fresh(saved)
 
 
 def test_marker_names_missing_iteration(saved):
-    (saved / TRACKER_FILENAME).write_text("7\n")
+    (saved / TRACKER).write_text("7\n")
     with pytest.raises(CheckpointError, match="iter_0000007: checkpoint directory does not exist"):
         load_into_fresh(saved)
 

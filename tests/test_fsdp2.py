@@ -22,7 +22,7 @@ from mm_train.fsdp2 import (
 )
 from mm_train.meta_init import build_fsdp2_model_on_meta, materialize_meta_model
 from mm_train.param_init import init_parameters_
-from tests.distributed import run_on_ranks
+from tests.distributed import run_ranks
 from tests.toy_transformer import ToyTransformer, keyed_batch, keyed_full_value, lm_loss, train
 
 INIT = keyed_full_value(seed=1234)
@@ -266,4 +266,4 @@ def check_fsdp2_on_two_ranks(rank: int, world_size: int) -> None:
 
 @pytest.mark.distributed
 def test_fsdp2_two_ranks_reproduce_single_process():
-    run_on_ranks(check_fsdp2_on_two_ranks, 2, timeout=180)
+    run_ranks(check_fsdp2_on_two_ranks, 2, timeout=180)

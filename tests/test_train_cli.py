@@ -16,8 +16,6 @@ BAD_COMBINATIONS = {
     "fused swiglu without swiglu": (["--use-fused-swiglu"], "--use-fused-swiglu needs --swiglu"),
     "global batch not divisible": (["--global-batch-size", "7"], "not divisible by micro batch size"),
     "context parallel not yet supported": (["--context-parallel-size", "2"], "not yet supported"),
-    "torch_dcp not yet supported": (["--ckpt-format", "torch_dcp"], "not yet supported"),
-    "fsdp2 not yet supported": (["--use-torch-fsdp2"], "not yet supported"),
 }
 
 TINY_NO_SWIGLU = [flag for flag in TINY if flag != "--swiglu"]

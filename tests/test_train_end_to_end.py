@@ -7,20 +7,13 @@ import shutil
 
 import pytest
 
-import mm_kernels
-from tests.train_runner import TINY, fused_rmsnorm_available, losses, run_train
+from tests.train_runner import TINY, losses, rel_close, run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ITERS = 40
 LAYOUT_ITERS = 8
 LAYOUT_RTOL = 2e-3
-
-
-def _rel_close(actual: list[float], expected: list[float], rtol: float) -> None:
-    assert len(actual) == len(expected), f"{len(actual)} logged iterations, expected {len(expected)}"
-    for step, (a, e) in enumerate(zip(actual, expected, strict=True), start=1):
-        assert abs(a - e) <= rtol * abs(e), f"iteration {step}: loss {a} vs {e} (rtol {rtol})"
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +47,13 @@ def test_resume_from_iteration_20_continues_the_curve(reference, tmp_path):
     shutil.copytree(save, resumed)
     (resumed / "latest_checkpointed_iteration.txt").write_text("20")
     result = run_train(TINY + ["--train-iters", str(ITERS), "--load", str(resumed)])
-    _rel_close(losses(result), curve[20:], rtol=1e-4)
+    rel_close(losses(result), curve[20:], rtol=1e-4)
 
 
-@pytest.mark.skipif(not (fused_rmsnorm_available() and hasattr(mm_kernels, "swiglu")),
-                    reason="mm_kernels.swiglu / mm_kernels.nn.FusedRMSNorm not on this branch")
 def test_fused_kernels_match_reference(reference):
     curve, _ = reference
     result = run_train(TINY + ["--train-iters", str(ITERS), "--use-fused-rmsnorm", "--use-fused-swiglu"])
-    _rel_close(losses(result), curve, rtol=2e-3)
+    rel_close(losses(result), curve, rtol=2e-3)
 
 
 LAYOUTS = {
@@ -81,11 +72,11 @@ def test_layout_reproduces_single_process_curve(reference, layout):
     nproc, flags = LAYOUTS[layout]
     result = run_train(TINY + ["--train-iters", str(ITERS), "--exit-interval", str(LAYOUT_ITERS), *flags],
                        nproc=nproc)
-    _rel_close(losses(result), curve[:LAYOUT_ITERS], rtol=LAYOUT_RTOL)
+    rel_close(losses(result), curve[:LAYOUT_ITERS], rtol=LAYOUT_RTOL)
 
 
 def test_variable_lengths_per_sample_loss_under_pipeline_parallel():
     flags = TINY + ["--train-iters", "3", "--variable-seq-lengths", "--calculate-per-sample-loss"]
     single = losses(run_train(flags))
-    _rel_close(losses(run_train(flags + ["--pipeline-model-parallel-size", "2"], nproc=2)), single,
+    rel_close(losses(run_train(flags + ["--pipeline-model-parallel-size", "2"], nproc=2)), single,
                rtol=LAYOUT_RTOL)

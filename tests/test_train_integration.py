@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from megatron.core.transformer import TransformerConfig, mlp, torch_norm
 
-import mm_kernels
 from mm_kernels.integrations.megatron import apply_fused_kernels, fused_bias_swiglu
 from tests.helpers import assert_close
-from tests.train_runner import fused_rmsnorm_available
 
 
 def _config(normalization="RMSNorm"):
@@ -39,7 +36,6 @@ def test_norm_swap_restores_the_wrapper():
     assert torch_norm.WrappedTorchNorm.__dict__["__new__"] is original
 
 
-@pytest.mark.skipif(not fused_rmsnorm_available(), reason="mm_kernels.nn.FusedRMSNorm not on this branch")
 def test_fused_norm_is_built_and_matches_torch():
     from mm_kernels.nn import FusedRMSNorm
 
@@ -51,7 +47,6 @@ def test_fused_norm_is_built_and_matches_torch():
     assert_close(norm(x), torch.nn.functional.rms_norm(x, (8,), norm.weight, 1e-5), torch.float32)
 
 
-@pytest.mark.skipif(not hasattr(mm_kernels, "swiglu"), reason="mm_kernels.swiglu not on this branch")
 def test_fused_swiglu_matches_megatron_glu():
     x = torch.randn(4, 3, 12, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(12, dtype=torch.float64)

@@ -14,21 +14,15 @@ import torch.nn.functional as F
 from mm_kernels.integrations.megatron import apply_fused_kernels
 from mm_kernels.ops.moe import megatron_permute, megatron_unpermute
 from mm_train.training import main
-from tests.distributed import run_on_ranks
+from tests.distributed import run_ranks
 from tests.helpers import assert_close
-from tests.train_runner import TINY, losses, run_train
+from tests.train_runner import TINY, losses, rel_close, run_train
 
 MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-type", "alltoall",
        "--moe-aux-loss-coeff", "0.01", "--ffn-hidden-size", "64"]
 ITERS = 10
 RTOL = 2e-3
 CAPACITY = ["--moe-expert-capacity-factor", "0.5", "--moe-pad-expert-input-to-capacity"]
-
-
-def _rel_close(actual: list[float], expected: list[float], rtol: float) -> None:
-    assert len(actual) == len(expected), f"{len(actual)} logged iterations, expected {len(expected)}"
-    for step, (a, e) in enumerate(zip(actual, expected, strict=True), start=1):
-        assert abs(a - e) <= rtol * abs(e), f"iteration {step}: loss {a} vs {e} (rtol {rtol})"
 
 
 # ---- flags ------------------------------------------------------------------------------------
@@ -47,6 +41,9 @@ REFUSED = {
     "tensor parallel without sequence parallel": (["--num-experts", "4", "--tensor-model-parallel-size", "2"],
                                                   "--num-experts with --tensor-model-parallel-size > 1 needs "
                                                   "--sequence-parallel"),
+    "experts under FSDP2": (["--num-experts", "4", "--use-torch-fsdp2", "--fsdp2-config-path",
+                             "examples/fsdp2_config.yaml", "--use-cpu-initialization"],
+                            "--num-experts with --use-torch-fsdp2 is not yet supported by mm-train"),
     "pad without capacity": (["--num-experts", "4", "--moe-pad-expert-input-to-capacity"],
                              "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor"),
     "grouped GEMM in fp32": (["--num-experts", "4", "--moe-grouped-gemm"], "--moe-grouped-gemm needs --bf16"),
@@ -162,7 +159,7 @@ def _idle_experts_on_rank1(rank: int, world_size: int) -> None:
 
 @pytest.mark.distributed
 def test_experts_without_tokens_neither_hang_nor_lose_gradients():
-    run_on_ranks(_idle_experts_on_rank1, 2, timeout=180)
+    run_ranks(_idle_experts_on_rank1, 2, timeout=180)
 
 
 # ---- end to end ---------------------------------------------------------------------------------
@@ -183,7 +180,7 @@ def test_moe_loss_falls_and_logs_the_aux_loss(reference_curve):
 @pytest.mark.slow
 def test_fused_permute_matches_reference_permute(reference_curve):
     fused = losses(run_train(TINY + MOE + ["--train-iters", str(ITERS), "--moe-permute-fusion"]))
-    _rel_close(fused, reference_curve, RTOL)
+    rel_close(fused, reference_curve, RTOL)
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +197,7 @@ def expert_parallel_run(tmp_path_factory):
 def test_expert_parallel_reproduces_single_process_curve(reference_curve, expert_parallel_run):
     curve, log, _ = expert_parallel_run
     assert "load_balancing_loss: " in log
-    _rel_close(curve, reference_curve, RTOL)
+    rel_close(curve, reference_curve, RTOL)
 
 
 @pytest.mark.slow
@@ -214,7 +211,7 @@ def test_expert_parallel_resume_continues_the_curve(expert_parallel_run, tmp_pat
     (resumed / "latest_checkpointed_iteration.txt").write_text("5")
     result = run_train(TINY + MOE + ["--train-iters", str(ITERS), "--expert-model-parallel-size", "2",
                                      "--load", str(resumed)], nproc=2)
-    _rel_close(losses(result), curve[5:], 1e-4)
+    rel_close(losses(result), curve[5:], 1e-4)
 
 
 @pytest.mark.slow
@@ -227,4 +224,4 @@ def test_capacity_padding_with_expert_parallel_and_fusion(reference_curve):
         "capacity 0.5 dropped no tokens"
     parallel = losses(run_train(TINY + MOE + CAPACITY + ["--train-iters", str(ITERS), "--expert-model-parallel-size",
                                                          "2", "--moe-permute-fusion"], nproc=2))
-    _rel_close(parallel, single, 1e-5)
+    rel_close(parallel, single, 1e-5)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import re
 import socket
@@ -13,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS = re.compile(r"\| lm loss: ([0-9.E+\-]+) \|")
+GRAD_NORM = re.compile(r"\| grad norm: ([0-9.]+) \|")
 
 # Tiny fp32 GPT on the shipped corpus; dropout off and one padded vocabulary for every TP size,
 # so runs at different parallel layouts compute the same model.
@@ -48,8 +47,15 @@ def losses(result) -> list[float]:
     return [float(value) for value in LOSS.findall(result.stdout)]
 
 
-def fused_rmsnorm_available() -> bool:
-    """True when mm_kernels.nn.FusedRMSNorm exists (it lands on another branch)."""
-    if importlib.util.find_spec("mm_kernels.nn") is None:
-        return False
-    return hasattr(importlib.import_module("mm_kernels.nn"), "FusedRMSNorm")
+def rel_close(actual: list[float], expected: list[float], rtol: float) -> None:
+    """Asserts two per-iteration curves have the same length and agree within ``rtol`` relative."""
+    assert len(actual) == len(expected), f"{len(actual)} logged iterations, expected {len(expected)}"
+    for step, (a, e) in enumerate(zip(actual, expected, strict=True), start=1):
+        assert abs(a - e) <= rtol * abs(e), f"iteration {step}: {a} vs {e} (rtol {rtol})"
+
+
+def grad_norms(result) -> list[float]:
+    """The ``grad norm`` (before clipping) of every logged iteration; raises when the run failed."""
+    losses(result)
+    return [float(value) for value in GRAD_NORM.findall(result.stdout)]
+

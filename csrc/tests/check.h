@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdio>
+#include <exception>
 #include <functional>
 #include <string>
 #include <vector>
@@ -27,6 +28,17 @@ inline int& failures() {
 struct Register {
   Register(const char* name, std::function<void()> body) { registry().push_back({name, std::move(body)}); }
 };
+
+// True if fn() throws (kernels reject bad input with TORCH_CHECK, a c10::Error).
+template <typename Fn>
+bool throws(Fn&& fn) {
+  try {
+    fn();
+  } catch (const std::exception&) {
+    return true;
+  }
+  return false;
+}
 
 }  // namespace mmk::testing
 

@@ -46,15 +46,7 @@ bool close(const at::Tensor& actual, const at::Tensor& expected, double tol) {
   return actual.sizes() == expected.sizes() && at::allclose(actual.to(at::kDouble), expected, tol, tol);
 }
 
-template <typename Fn>
-bool throws(Fn&& fn) {
-  try {
-    fn();
-  } catch (const c10::Error&) {
-    return true;
-  }
-  return false;
-}
+using mmk::testing::throws;
 
 }  // namespace
 

@@ -1,6 +1,8 @@
 """``mm-bench KERNEL... | all``: times each kernel against eager and compiled PyTorch references.
 
 Kernels are the modules of ``mm_kernels.bench`` that define ``KERNEL`` and ``cases()``.
+``mm-bench cp [options]`` benchmarks context-parallel attention on spawned processes instead
+(``mm_kernels.bench.cp``; ``mm-bench cp --help``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ def parse_args(argv: list[str] | None, kernels: list[str]) -> argparse.Namespace
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cp"]:
+        from mm_kernels.bench.cp import run_cp_bench
+
+        return run_cp_bench(argv[1:])
     modules = kernel_modules()
     args = parse_args(argv, sorted(modules))
     names = sorted(modules) if "all" in args.kernels else args.kernels

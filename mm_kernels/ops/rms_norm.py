@@ -99,6 +99,8 @@ add_rms_norm_fwd.register_autograd(_add_backward, setup_context=_add_setup_conte
 def _check_args(x: object, weight: object, eps: float, casting: str) -> None:
     check_float("x", x)
     check_min_dim("x", x, 1, "[..., H]")
+    if x.shape[-1] == 0:
+        raise ValueError(f"x must have shape [..., H] with H >= 1, got {tuple(x.shape)}")
     if weight is not None:
         check_float("weight", weight)
         if weight.shape != x.shape[-1:]:

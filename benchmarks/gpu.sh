@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# For a machine with a CUDA GPU (after scripts/setup.sh, with triton installed):
+#   1. runs the Triton kernel tests on the GPU (compiled, not interpreted);
+#   2. benchmarks every kernel module of mm_kernels.bench (Triton backend vs eager PyTorch and
+#      torch.compile) in bf16 and fp16, writing a table, JSON and a PNG plot.
+# Usage: bash benchmarks/gpu.sh [OUTPUT_DIR]   (default runs/gpu-bench)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] && . .venv/bin/activate
+out=${1:-runs/gpu-bench}
+mkdir -p "$out"
+# tests/conftest.py turns the interpreter on only without CUDA; make sure nothing forces it here.
+unset TRITON_INTERPRET MM_KERNELS_BACKEND
+python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu.sh: no CUDA GPU visible')"
+python -c "import triton" || { echo "gpu.sh: triton is not installed (pip install 'mm-kernels[gpu]')" >&2; exit 1; }
+python -m mm_kernels info | tee "$out/info.txt"
+python -m pytest -q -p no:cacheprovider -m triton tests | tee "$out/tests.txt"
+python -m mm_kernels.bench.cli all --device cuda --dtype bf16,fp16 \
+  --json "$out/bench.json" --plot "$out/bench.png" | tee "$out/bench.txt"
+echo "gpu.sh: results in $out"
