@@ -6,9 +6,11 @@ exist besides the working ones:
 
 - :data:`INACTIVE_FLAGS`: accepted for compatibility and without effect here (e.g.
   ``--use-mcore-models``: the model is always megatron-core's); listed once at start-up.
-- :data:`SCALE_OUT_FLAGS`: parsed, then refused as not yet supported (MoE).
+- :data:`SCALE_OUT_FLAGS`: parsed, then refused as not yet supported (virtual pipeline
+  stages, the --mm-* configuration files).
 - data and tokenizer flags, added by :func:`mm_train.data.add_data_args`; context-parallel
-  flags, added by :func:`mm_train.context_parallel.add_context_parallel_args`.
+  flags, added by :func:`mm_train.context_parallel.add_context_parallel_args`; mixture-of-experts
+  flags, added by :func:`mm_train.moe.add_moe_args`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 
 from mm_train.context_parallel import add_context_parallel_args
 from mm_train.data import add_data_args
+from mm_train.moe import add_moe_args
 
 # Flags accepted so that MindSpeed-MM scripts run, with no effect on this trainer.
 INACTIVE_FLAGS = (
@@ -36,13 +39,6 @@ INACTIVE_FLAGS = (
 
 # Flags of the scale-out features: (attribute, value meaning "off").
 SCALE_OUT_FLAGS = (
-    ("expert_model_parallel_size", 1),
-    ("num_experts", None),
-    ("moe_token_dispatcher_type", None),
-    ("moe_permute_fusion", False),
-    ("moe_router_topk", None),
-    ("moe_aux_loss_coeff", None),
-    ("moe_grouped_gemm", False),
     ("num_layers_per_virtual_pipeline_stage", None),
     ("mm_data", None),
     ("mm_model", None),
@@ -170,13 +166,6 @@ def _inactive_args(parser: argparse.ArgumentParser) -> None:
 
 def _scale_out_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("scale-out features (parsed, not yet supported)")
-    group.add_argument("--expert-model-parallel-size", type=int, default=1)
-    group.add_argument("--num-experts", type=int, default=None)
-    group.add_argument("--moe-token-dispatcher-type", default=None, choices=["allgather", "alltoall"])
-    group.add_argument("--moe-permute-fusion", action="store_true")
-    group.add_argument("--moe-router-topk", type=int, default=None)
-    group.add_argument("--moe-aux-loss-coeff", type=float, default=None)
-    group.add_argument("--moe-grouped-gemm", action="store_true")
     group.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     group.add_argument("--mm-data", default=None)
     group.add_argument("--mm-model", default=None)
@@ -195,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(parser)
     _fsdp2_args(parser)
     add_context_parallel_args(parser)
+    add_moe_args(parser)
     _inactive_args(parser)
     _scale_out_args(parser)
     return parser

@@ -9,6 +9,9 @@ Layout under ``--save``::
     iter_0000020/mp_rank_TT_PPP/rank_state_dpDDD.pt     RNG states and distributed-optimizer shard
                                                         of data x context-parallel rank DDD
 
+With expert parallelism the rank directories are ``mp_rank_TT_PPP_EEE`` (EEE: expert-parallel
+rank), written by expert-data-parallel rank 0, since each EP rank holds different experts.
+
 Every rank writes into ``iter_0000020.tmp``; after a barrier rank 0 writes the manifest,
 renames the directory and then replaces the marker file, so a crash leaves either the old
 checkpoint or the new one, never a half one under the marker. Loading reads every file of
@@ -56,12 +59,22 @@ def iteration_dir(root: str | Path, iteration: int) -> Path:
 def _rank_dir_name() -> str:
     tp = parallel_state.get_tensor_model_parallel_rank()
     pp = parallel_state.get_pipeline_model_parallel_rank()
+    if parallel_state.get_expert_model_parallel_world_size() > 1:  # experts differ per EP rank
+        return f"mp_rank_{tp:02d}_{pp:03d}_{parallel_state.get_expert_model_parallel_rank():03d}"
     return f"mp_rank_{tp:02d}_{pp:03d}"
 
 
 def _dp_cp_rank() -> int:
     """This rank's index among the ranks holding the same model shard (data x context parallel)."""
     return parallel_state.get_data_parallel_rank(with_context_parallel=True)
+
+
+def _writes_model_file() -> bool:
+    """One rank per model file: data x context rank 0, or with expert parallelism the first rank
+    holding these experts."""
+    if parallel_state.get_expert_model_parallel_world_size() > 1:
+        return parallel_state.get_expert_data_parallel_rank() == 0
+    return _dp_cp_rank() == 0
 
 
 def _layout() -> dict[str, int]:
@@ -174,7 +187,7 @@ def save_checkpoint(root: str, state: TrainingState, model, optimizer, scheduler
     rank_dir = staging / _rank_dir_name()
     rank_dir.mkdir(exist_ok=True)
     distributed = args.use_distributed_optimizer
-    if _dp_cp_rank() == 0:
+    if _writes_model_file():
         payload = {"format_version": FORMAT_VERSION, "iteration": state.iteration,
                    "consumed_train_samples": state.consumed_train_samples, "args": _plain_args(args),
                    "model": model.state_dict(), "opt_param_scheduler": scheduler.state_dict()}

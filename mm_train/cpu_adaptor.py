@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,6 +154,92 @@ def _torch_norm_refuses_sequence_parallel() -> bool:
     return "sequence parallel not supported" in inspect.getsource(torch_norm.WrappedTorchNorm.__new__)
 
 
+def _patch_router_gemm_fallback() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.te_general_gemm = None
+
+
+def _router_gemm_name_undefined() -> bool:
+    from megatron.core.transformer.moe import moe_utils
+
+    source = inspect.getsource(moe_utils)
+    return "te_general_gemm is not None" in source and "te_general_gemm = None" not in source
+
+
+def _splits_to_host(tensor, as_numpy=False, record_stream=False):
+    """maybe_move_tensor_to_cpu that also turns CPU tensors into numpy split sizes when asked."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.cpu().numpy()
+    return tensor.cpu() if torch.is_tensor(tensor) else tensor
+
+
+def _patch_split_sizes() -> None:
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _splits_to_host
+
+
+def _split_sizes_stay_tensors_on_cpu() -> bool:
+    from megatron.core.transformer.moe import moe_utils
+
+    return "tensor.is_cuda" in inspect.getsource(moe_utils.maybe_move_tensor_to_cpu)
+
+
+def _host_copies_without_streams(self, point, tokens_per_expert=None):
+    """The alltoall dispatcher's device-to-host step, done in place of its CUDA side stream."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    if self.drop_and_pad or point != self.cuda_dtoh_point:
+        return tokens_per_expert
+    to_host = token_dispatcher.maybe_move_tensor_to_cpu
+    self.input_splits = to_host(self.input_splits, as_numpy=True)
+    self.output_splits = to_host(self.output_splits, as_numpy=True)
+    self.output_splits_tp = to_host(self.output_splits_tp, as_numpy=True)
+    self.num_out_tokens = to_host(self.num_out_tokens)
+    if self.num_local_experts > 1 and not self.config.moe_permute_fusion:
+        self.num_global_tokens_per_local_expert = to_host(self.num_global_tokens_per_local_expert)
+    return to_host(tokens_per_expert)
+
+
+def _patch_alltoall_streams() -> None:
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "cpu"  # not None: __init__ then makes no torch.cuda.Stream
+    MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _host_copies_without_streams
+
+
+def _alltoall_uses_cuda_streams() -> bool:
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    return ("torch.cuda.Stream()" in inspect.getsource(MoEAlltoAllTokenDispatcher.__init__)
+            and "torch.cuda.stream(" in inspect.getsource(MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize))
+
+
+class _LoopGroupedGemm:
+    """grouped_gemm's ``ops`` on any device: one matmul per expert block of rows."""
+
+    @staticmethod
+    def gmm(a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool = False) -> torch.Tensor:
+        """a [sum(batch_sizes), K], b [E, K, N] (or [E, N, K] with trans_b) -> [sum(batch_sizes), N]."""
+        blocks = torch.split(a, [int(n) for n in batch_sizes])
+        return torch.cat([block @ (w.t() if trans_b else w) for block, w in zip(blocks, b, strict=True)])
+
+
+def _patch_grouped_gemm() -> None:
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    grouped_gemm_util.grouped_gemm = _LoopGroupedGemm
+    grouped_gemm_util.ops = _LoopGroupedGemm
+
+
+def _grouped_gemm_missing() -> bool:
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    return "import grouped_gemm" in inspect.getsource(grouped_gemm_util) and (
+        importlib.util.find_spec("grouped_gemm") is None)
+
+
 PATCHES = (
     Patch("cuda-to-cpu", "device='cuda' / .cuda() / 'torch.cuda.FloatTensor' checks, torch.cuda.current_device() "
           "and torch.cuda.synchronize() (causal mask, clip_grads, optimizer, distrib_optimizer, rope_utils, "
@@ -163,6 +250,17 @@ PATCHES = (
     Patch("torch-norm-sequence-parallel", "WrappedTorchNorm asserts 'sequence parallel not supported by torch "
           "LayerNorm'; the patch builds the norm and marks its parameters sequence_parallel so their grads are "
           "all-reduced over TP", _patch_torch_norm_sequence_parallel, _torch_norm_refuses_sequence_parallel),
+    Patch("moe-router-gemm", "the MoE router's gating GEMM reads moe_utils.te_general_gemm, a name only defined "
+          "when Transformer Engine imports (NameError without it)", _patch_router_gemm_fallback,
+          _router_gemm_name_undefined),
+    Patch("moe-split-sizes", "moe_utils.maybe_move_tensor_to_cpu returns CPU tensors unchanged although asked for "
+          "numpy, so the alltoall dispatcher passes tensor split sizes to all_to_all_single (TypeError)",
+          _patch_split_sizes, _split_sizes_stay_tensors_on_cpu),
+    Patch("moe-alltoall-streams", "the alltoall token dispatcher creates a torch.cuda.Stream and copies its split "
+          "sizes to the host on it", _patch_alltoall_streams, _alltoall_uses_cuda_streams),
+    Patch("moe-grouped-gemm", "GroupedMLP (--moe-grouped-gemm) needs the CUDA-only grouped_gemm package (assertion, "
+          "gg.ops is None); the patch supplies its gmm as one matmul per expert", _patch_grouped_gemm,
+          _grouped_gemm_missing),
 )
 
 _applied: list[str] = []

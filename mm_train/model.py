@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
+from mm_train import moe
 from mm_train.context_parallel import ContextParallel, context_parallel_layer_spec, use_global_rope_positions
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-_SCALED_INIT = (".self_attention.linear_proj.weight", ".mlp.linear_fc2.weight")
+_SCALED_INIT = (".self_attention.linear_proj.weight", ".linear_fc2.weight")  # dense MLP and experts
 
 
 def params_dtype(args) -> torch.dtype:
@@ -72,6 +72,7 @@ def transformer_config(args) -> TransformerConfig:
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        **moe.moe_config(args),
     )
     # Set after construction: TransformerConfig's checks refuse variable lengths with the default MoE
     # dispatcher even for dense models. The pipeline schedule reads it to exchange tensor shapes.
@@ -92,8 +93,7 @@ def build_model(args, config: TransformerConfig, vocab_size: int,
     attention and rotary embedding work on CP-sharded sequences."""
     model = GPTModel(
         config=config,
-        transformer_layer_spec=context_parallel_layer_spec(
-            get_gpt_layer_local_spec(normalization=args.normalization), context_parallel),
+        transformer_layer_spec=context_parallel_layer_spec(moe.layer_spec(args), context_parallel),
         vocab_size=vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -163,5 +163,10 @@ def initialize(model: GPTModel, seed: int, config: TransformerConfig) -> None:
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     for name, param in model.named_parameters():
+        if moe.is_expert_parameter(name):  # expert TP is 1: experts are whole on their EP rank
+            num_local = config.num_moe_experts // config.expert_model_parallel_size
+            param.copy_(moe.expert_full_value(global_name(model, name), param, num_local, config.hidden_size,
+                                              lambda key, shape: draw_full(key, shape, seed, config)))
+            continue
         full = draw_full(global_name(model, name), full_shape(param, tp_size), seed, config)
         param.copy_(tp_slice(full, param, tp_rank, tp_size))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
@@ -27,6 +27,7 @@ class IterationStats:
     tokens_per_second: float
     skipped_iterations: int
     nan_iterations: int
+    aux_losses: dict[str, float] = field(default_factory=dict)  # MoE: name -> interval mean
 
 
 def iteration_line(stats: IterationStats) -> str:
@@ -38,6 +39,7 @@ def iteration_line(stats: IterationStats) -> str:
         f" learning rate: {stats.learning_rate:.6E}",
         f" global batch size: {stats.global_batch_size:5d}",
         f" lm loss: {stats.loss:.6E}",
+        *(f" {name}: {value:.6E}" for name, value in stats.aux_losses.items()),
     ]
     if stats.grad_norm is not None:
         parts.append(f" grad norm: {stats.grad_norm:.3f}")

@@ -37,6 +37,7 @@ from mm_train.environment import ConfigError, Launch, init_process_group, proces
 from mm_train.fsdp2_training import build_fsdp2_optimizer, build_fsdp2_stage, load_dcp, save_dcp
 from mm_train.loss import loss_function, loss_mode
 from mm_train.model import build_model, padded_vocab_size, transformer_config
+from mm_train.moe import aux_loss_figures
 from mm_train.optimizer import build_optimizer
 from mm_train.reporting import IterationStats, ProgressBar, TensorBoard, iteration_line, validation_line
 from mm_train.scheduler import build_scheduler
@@ -98,9 +99,12 @@ def set_up(args, launch: Launch) -> Trainer:
     init_process_group(args, launch)
     if launch.device_type == "cpu":
         apply_cpu_adaptor()
-    apply_fused_kernels(rmsnorm=args.use_fused_rmsnorm, swiglu=args.use_fused_swiglu)
+    apply_fused_kernels(rmsnorm=args.use_fused_rmsnorm, swiglu=args.use_fused_swiglu,
+                        moe_permute=args.moe_permute_fusion)
     parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                                              context_parallel_size=args.context_parallel_size,
+                                             expert_model_parallel_size=args.expert_model_parallel_size,
+                                             expert_tensor_parallel_size=1 if args.num_experts else None,
                                              distributed_timeout_minutes=args.distributed_timeout_minutes)
     context_parallel = set_up_context_parallel(args, process_group_timeout(args))
     _set_seeds(args.seed)
@@ -137,12 +141,16 @@ def _pad_to(batch: dict, length: int) -> dict:
             "position_ids": torch.nn.functional.pad(batch["position_ids"], (0, extra))}
 
 
+def _micro_batches(args) -> int:
+    return args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+
+
 def next_micro_batches(args, data: Iterator[dict],
                        context_parallel: ContextParallel | None = None) -> tuple[list[dict], int]:
     """This rank's micro-batches of the next global batch, padded to one length (a multiple of TP
     under sequence parallelism and of the context-parallel layout's multiple) and cut to this CP
     rank's piece; returns them and the padded (global) length."""
-    count = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+    count = _micro_batches(args)
     batches = [next(data) for _ in range(count)]
     length = max(b["tokens"].shape[1] for b in batches)
     multiple = sequence_multiple(args)
@@ -235,6 +243,7 @@ class _Interval:
     tokens: int = 0
     skipped: int = 0
     nan: int = 0
+    aux_sums: dict[str, float] = field(default_factory=dict)
 
 
 def train(trainer: Trainer) -> None:
@@ -250,6 +259,8 @@ def train(trainer: Trainer) -> None:
         interval.iterations += 1
         interval.tokens += args.global_batch_size * length
         interval.skipped += int(not updated)
+        for name, value in aux_loss_figures(args, _micro_batches(args)).items():
+            interval.aux_sums[name] = interval.aux_sums.get(name, 0.0) + value
         if loss is not None:
             interval.nan += int(not np.isfinite(loss))
             interval.loss_sum += loss
@@ -265,7 +276,8 @@ def train(trainer: Trainer) -> None:
                 elapsed_ms=1000.0 * seconds / interval.iterations, learning_rate=_learning_rate(trainer.optimizer),
                 global_batch_size=args.global_batch_size, loss=interval.loss_sum / interval.iterations,
                 grad_norm=grad_norm, tokens_per_second=interval.tokens / seconds,
-                skipped_iterations=interval.skipped, nan_iterations=interval.nan)))
+                skipped_iterations=interval.skipped, nan_iterations=interval.nan,
+                aux_losses={name: total / interval.iterations for name, total in interval.aux_sums.items()})))
             interval = _Interval()
         if trainer.valid_data is not None and args.eval_iters > 0 and state.iteration % args.eval_interval == 0:
             valid_loss = evaluate(trainer)

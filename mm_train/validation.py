@@ -12,6 +12,7 @@ from mm_train.arguments import SCALE_OUT_FLAGS
 from mm_train.context_parallel import check_context_parallel
 from mm_train.environment import ConfigError, Launch, check_device_connections, process_group_timeout
 from mm_train.fsdp2_training import validate_fsdp2_flags
+from mm_train.moe import check_moe
 
 
 def _refuse_scale_out(args) -> None:
@@ -139,6 +140,7 @@ def validate(args, launch: Launch) -> None:
     check_context_parallel(args)
     _check_training(args)
     _check_parallel_features(args)
+    check_moe(args, launch.world_size // args.pipeline_model_parallel_size)
     _check_output(args)
     check_device_connections(args, launch)
     process_group_timeout(args)

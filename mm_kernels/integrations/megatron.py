@@ -1,9 +1,9 @@
-"""Swaps megatron-core's RMSNorm and SwiGLU for the mm_kernels ops (as MindSpeed does for NPU).
+"""Swaps megatron-core's RMSNorm, SwiGLU and MoE permute/unpermute for the mm_kernels ops (as MindSpeed does for NPU).
 
 Public API for any megatron-core trainer::
 
     from mm_kernels.integrations.megatron import apply_fused_kernels
-    apply_fused_kernels(rmsnorm=True, swiglu=True)   # before the model is built
+    apply_fused_kernels(rmsnorm=True, swiglu=True, moe_permute=True)   # before the model is built
     config = TransformerConfig(..., normalization="RMSNorm", gated_linear_unit=True,
                                activation_func=F.silu, bias_activation_fusion=True)
 
@@ -16,6 +16,10 @@ Public API for any megatron-core trainer::
   dense MLP when ``bias_activation_fusion=True``) becomes :func:`mm_kernels.swiglu`
   (``chunk(2, dim=-1)`` convention, as megatron's). Without ``bias_activation_fusion`` the
   MLP runs megatron's reference ``silu(gate) * up``.
+- ``moe_permute``: the token dispatchers' ``permute`` / ``unpermute`` (megatron-core's
+  ``moe_utils`` functions, also imported by name into ``token_dispatcher``) become
+  :data:`mm_kernels.ops.moe.megatron_permute` / ``megatron_unpermute`` (same signatures).
+  Keep ``config.moe_permute_fusion = False``: megatron's own fusion needs Transformer Engine.
 
 With both flags off nothing is patched and the reference implementations run.
 :meth:`FusedKernelPatch.restore` (or leaving the ``with`` block) puts the originals back.
@@ -82,8 +86,8 @@ class FusedKernelPatch:
         self.restore()
 
 
-def apply_fused_kernels(rmsnorm: bool = False, swiglu: bool = False) -> FusedKernelPatch:
-    """Routes megatron-core's RMSNorm / SwiGLU to mm_kernels (see the module docstring).
+def apply_fused_kernels(rmsnorm: bool = False, swiglu: bool = False, moe_permute: bool = False) -> FusedKernelPatch:
+    """Routes megatron-core's RMSNorm / SwiGLU / MoE permute to mm_kernels (see the module docstring).
 
     Call before the model is built. Returns the patch (a context manager) so it can be undone.
     """
@@ -97,4 +101,12 @@ def apply_fused_kernels(rmsnorm: bool = False, swiglu: bool = False) -> FusedKer
         from megatron.core.transformer import mlp
 
         patch.set(mlp, "bias_swiglu_impl", fused_bias_swiglu)
+    if moe_permute:
+        from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+        from mm_kernels.ops.moe import megatron_permute, megatron_unpermute
+
+        for module in (moe_utils, token_dispatcher):
+            patch.set(module, "permute", megatron_permute)
+            patch.set(module, "unpermute", megatron_unpermute)
     return patch

@@ -1,0 +1,183 @@
+"""Mixture of experts: flags, their checks, megatron-core's MoE config and local layer spec, the
+layout-independent initialisation of expert weights, and the aux-loss figures of the log line.
+
+Every MoE layer is megatron-core's ``MoELayer`` with the local (no Transformer Engine) spec:
+a top-k router, the allgather or alltoall token dispatcher, and ``SequentialMLP`` experts
+(one megatron MLP per expert) or, with ``--moe-grouped-gemm``, the legacy ``GroupedMLP``.
+Experts are sharded over ``--expert-model-parallel-size`` ranks and not over tensor
+parallelism (expert TP = 1).
+
+Expert ``e`` (global index, whichever rank holds it) is drawn exactly like a dense MLP called
+``...mlp.experts.local_experts.e`` would be, so EP = 1 and EP = 2 build the same full model and
+the grouped weights hold the same numbers as the sequential ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+from mm_train.environment import ConfigError
+
+_LOCAL_EXPERT = re.compile(r"experts\.local_experts\.(\d+)\.")
+_GROUPED_WEIGHT = re.compile(r"experts\.weight([12])$")
+
+# Flags that only mean something with --num-experts: (attribute, value meaning "not set").
+_NEEDS_EXPERTS = (
+    ("expert_model_parallel_size", 1),
+    ("moe_permute_fusion", False),
+    ("moe_grouped_gemm", False),
+    ("moe_expert_capacity_factor", None),
+    ("moe_pad_expert_input_to_capacity", False),
+    ("moe_ffn_hidden_size", None),
+)
+
+
+def add_moe_args(parser: argparse.ArgumentParser) -> None:
+    """MoE flags with Megatron's names and defaults (MindSpeed-MM's MOE_ARGS)."""
+    group = parser.add_argument_group("mixture of experts")
+    group.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer (every layer)")
+    group.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="default: --ffn-hidden-size")
+    group.add_argument("--moe-router-topk", type=int, default=2)
+    group.add_argument("--moe-router-load-balancing-type", default="aux_loss",
+                       choices=["aux_loss", "seq_aux_loss", "none"])
+    group.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    group.add_argument("--expert-model-parallel-size", type=int, default=1)
+    group.add_argument("--moe-token-dispatcher-type", default="allgather", choices=["allgather", "alltoall"])
+    group.add_argument("--moe-permute-fusion", action="store_true",
+                       help="mm_kernels permute/unpermute in the alltoall dispatcher")
+    group.add_argument("--moe-grouped-gemm", action="store_true",
+                       help="all local experts in one grouped GEMM (megatron's GroupedMLP; needs --bf16)")
+    group.add_argument("--moe-expert-capacity-factor", type=float, default=None,
+                       help="drop tokens beyond capacity = factor x tokens x topk / experts")
+    group.add_argument("--moe-pad-expert-input-to-capacity", action="store_true",
+                       help="pad every expert's input to its capacity (needs --moe-expert-capacity-factor)")
+    group.add_argument("--moe-token-drop-policy", default="probs", choices=["probs", "position"])
+
+
+def check_moe(args, tp_dp_size: int) -> None:
+    """Refuses inconsistent MoE flags (ConfigError, one line). ``tp_dp_size`` = world size / PP."""
+    if args.num_experts is None:
+        for name, unset in _NEEDS_EXPERTS:
+            if getattr(args, name) != unset:
+                raise ConfigError(f"--{name.replace('_', '-')} needs --num-experts")
+        return
+    experts, topk, ep = args.num_experts, args.moe_router_topk, args.expert_model_parallel_size
+    if experts < 1:
+        raise ConfigError(f"--num-experts {experts} must be >= 1")
+    if not 1 <= topk <= experts:
+        raise ConfigError(f"--moe-router-topk {topk} must be in [1, --num-experts {experts}]")
+    if ep < 1 or experts % ep:
+        raise ConfigError(f"--num-experts {experts} is not divisible by --expert-model-parallel-size {ep}")
+    if tp_dp_size % ep:
+        raise ConfigError(f"--expert-model-parallel-size {ep} does not divide TP x DP = {tp_dp_size}")
+    if args.use_torch_fsdp2:
+        raise ConfigError("--num-experts with --use-torch-fsdp2 is not yet supported by mm-train")
+    tp = args.tensor_model_parallel_size
+    if tp > 1 and not args.sequence_parallel:
+        raise ConfigError("--num-experts with --tensor-model-parallel-size > 1 needs --sequence-parallel "
+                          "(megatron-core's MoE layer refuses it otherwise)")
+    if tp > 1 and ep > 1:
+        raise ConfigError("--expert-model-parallel-size > 1 with --tensor-model-parallel-size > 1 is not yet "
+                          "supported by mm-train")
+    if args.moe_permute_fusion and args.moe_token_dispatcher_type != "alltoall":
+        raise ConfigError("--moe-permute-fusion needs --moe-token-dispatcher-type alltoall "
+                          f"(got {args.moe_token_dispatcher_type})")
+    if args.moe_aux_loss_coeff < 0:
+        raise ConfigError(f"--moe-aux-loss-coeff {args.moe_aux_loss_coeff} must be >= 0")
+    factor = args.moe_expert_capacity_factor
+    if factor is not None and factor <= 0:
+        raise ConfigError(f"--moe-expert-capacity-factor {factor} must be > 0")
+    if args.moe_pad_expert_input_to_capacity and factor is None:
+        raise ConfigError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
+    if args.moe_grouped_gemm and not args.bf16:
+        raise ConfigError("--moe-grouped-gemm needs --bf16 (megatron-core's GroupedMLP runs bf16 only)")
+    if args.moe_grouped_gemm and not args.disable_bias_linear:
+        raise ConfigError("--moe-grouped-gemm needs --disable-bias-linear (GroupedMLP has no biases)")
+    if args.variable_seq_lengths and args.moe_token_dispatcher_type == "allgather":
+        raise ConfigError("--variable-seq-lengths with --num-experts needs --moe-token-dispatcher-type alltoall")
+
+
+def moe_config(args) -> dict:
+    """TransformerConfig keyword arguments of the MoE flags (empty for a dense model).
+
+    megatron's own ``moe_permute_fusion`` stays False: our flag swaps the permute functions
+    instead (see :func:`mm_kernels.integrations.megatron.apply_fused_kernels`).
+    """
+    if args.num_experts is None:
+        return {}
+    return {
+        "num_moe_experts": args.num_experts,
+        "moe_ffn_hidden_size": args.moe_ffn_hidden_size or args.ffn_hidden_size,
+        "moe_router_topk": args.moe_router_topk,
+        "moe_router_load_balancing_type": args.moe_router_load_balancing_type,
+        "moe_aux_loss_coeff": args.moe_aux_loss_coeff,
+        "expert_model_parallel_size": args.expert_model_parallel_size,
+        "expert_tensor_parallel_size": 1,
+        "moe_token_dispatcher_type": args.moe_token_dispatcher_type,
+        "moe_grouped_gemm": args.moe_grouped_gemm,
+        "moe_expert_capacity_factor": args.moe_expert_capacity_factor,
+        "moe_pad_expert_input_to_capacity": args.moe_pad_expert_input_to_capacity,
+        "moe_token_drop_policy": args.moe_token_drop_policy,
+        "moe_permute_fusion": False,
+    }
+
+
+def layer_spec(args):
+    """megatron-core's local GPT layer spec, with an MoE MLP when --num-experts is set."""
+    return get_gpt_layer_local_spec(num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm,
+                                    normalization=args.normalization)
+
+
+def is_expert_parameter(name: str) -> bool:
+    """True for the weights of routed experts (sequential or grouped), not the router."""
+    return bool(_LOCAL_EXPERT.search(name) or _GROUPED_WEIGHT.search(name))
+
+
+def _global_expert(local: int, num_local: int) -> int:
+    return parallel_state.get_expert_model_parallel_rank() * num_local + local
+
+
+def expert_full_value(name: str, param: torch.nn.Parameter, num_local_experts: int, hidden: int, draw) -> torch.Tensor:
+    """The value of expert parameter ``name`` on this rank, from ``draw(global name, shape)``.
+
+    ``name`` is already a global-layer name. A ``experts.local_experts.i`` weight is drawn as
+    ``experts.local_experts.{global index of i}``. A grouped ``weight1`` [H, n*F1] / ``weight2`` [n*F, H]
+    packs, for each local expert e, the transpose of the sequential fc1 [F1, H] / fc2 [H, F]
+    weight of expert e (GroupedMLP views the flat memory as [n, H, F1] and [n, F, H]).
+    """
+    local = _LOCAL_EXPERT.search(name)
+    if local:
+        expert = _global_expert(int(local.group(1)), num_local_experts)
+        return draw(name[:local.start()] + f"experts.local_experts.{expert}." + name[local.end():],
+                    list(param.shape))
+    grouped = _GROUPED_WEIGHT.search(name)
+    prefix = name[:grouped.start()] + "experts.local_experts."
+    if grouped.group(1) == "1":
+        fc, shape = "linear_fc1", [param.shape[1] // num_local_experts, hidden]
+    else:
+        fc, shape = "linear_fc2", [hidden, param.shape[0] // num_local_experts]
+    blocks = [draw(f"{prefix}{_global_expert(e, num_local_experts)}.{fc}.weight", shape).t().reshape(-1)
+              for e in range(num_local_experts)]
+    return torch.cat(blocks).view(param.shape)
+
+
+def aux_loss_figures(args, num_micro_batches: int) -> dict[str, float]:
+    """The MoE aux losses of the last iteration, as Megatron logs them (``load_balancing_loss``:
+    the loss before --moe-aux-loss-coeff, mean over MoE layers and micro-batches, reduced over ranks);
+    resets the tracker. Every rank must call it (it all-reduces). Empty without MoE or aux loss.
+    """
+    if args.num_experts is None or args.moe_aux_loss_coeff == 0:
+        return {}
+    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+    names = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss"}
+    tracked = [names[args.moe_router_load_balancing_type]] if args.moe_router_load_balancing_type in names else []
+    totals: dict[str, torch.Tensor] = {}
+    track_moe_metrics(loss_scale=1.0 / num_micro_batches, iteration=0, total_loss_dict=totals,
+                      force_initialize=True, track_names=tracked, num_layers=args.num_layers)
+    return {name: float(value) for name, value in totals.items()}
