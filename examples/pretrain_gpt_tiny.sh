@@ -1,9 +1,11 @@
 #!/bin/bash
 # Tiny GPT pre-training in MindSpeed-MM's launch-script shape: 2 processes, data parallel with the
-# distributed optimizer, fused RMSNorm and SwiGLU, the shipped corpus and byte tokenizer. Runs on CPU
-# (gloo) in well under a minute; on NPU/GPU set NPUS_PER_NODE to the devices per node.
+# distributed optimizer, a 4-expert MoE split over both (expert parallel), fused RMSNorm, SwiGLU and
+# MoE permute, the shipped corpus and byte tokenizer. Runs on CPU (gloo) in well under a minute; on
+# NPU/GPU set NPUS_PER_NODE to the devices per node.
 # Overridable: NPUS_PER_NODE, MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK, TRAIN_ITERS, CKPT_DIR,
-# PARALLEL_ARGS (how the model is distributed), CKPT_FORMAT (torch | torch_dcp);
+# PARALLEL_ARGS (how the model is distributed), MOE_ARGS (empty for a dense model),
+# CKPT_FORMAT (torch | torch_dcp);
 # pretrain_gpt_tiny_fsdp2.sh sets the last two for FSDP2.
 set -euo pipefail
 export CUDA_DEVICE_MAX_CONNECTIONS=1
@@ -61,8 +63,15 @@ GPT_ARGS="
     --num-workers 0
 "
 
-# MoE flags (--num-experts, --moe-router-topk, --moe-token-dispatcher-type, ...) go here.
-MOE_ARGS=""
+# 4 experts, top-2 routing, split over the 2 processes (expert parallel), fused permute/unpermute.
+MOE_ARGS=${MOE_ARGS-"
+    --num-experts 4 \
+    --moe-router-topk 2 \
+    --moe-token-dispatcher-type alltoall \
+    --moe-permute-fusion \
+    --moe-aux-loss-coeff 0.01 \
+    --expert-model-parallel-size 2
+"}
 
 OUTPUT_ARGS="
     --log-interval 1 \

@@ -13,6 +13,7 @@ export PARALLEL_ARGS="
     --init-model-with-meta-device
 "
 export CKPT_FORMAT=torch_dcp
+export MOE_ARGS=""  # MoE is not supported with FSDP2 yet
 export CKPT_DIR=${CKPT_DIR:-./ckpt/gpt_tiny_fsdp2}
 
 exec bash "${EXAMPLES}/pretrain_gpt_tiny.sh"
