@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#include "huge_page_alloc.h"
 #include "dtype_convert.h"
 
 namespace mmk {
@@ -250,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> moe_permute(const at::Tensor& tokens_in, cons
   std::vector<int64_t> row_token(num_rows);
   counting_sort(experts, slots, buckets, std::max<int64_t>(indices.size(1), 1), num_rows,
                 sorted.mutable_data_ptr<int32_t>(), row_token.data());
-  at::Tensor permuted = at::empty({num_rows, hidden}, tokens.options());
+  at::Tensor permuted = empty_huge_page_advised({num_rows, hidden}, tokens.options());
   MMK_DISPATCH_MOE_TYPES(tokens.scalar_type(), "mm_kernels_cpu::moe_permute", [&] {
     gather_rows(tokens.const_data_ptr<scalar_t>(), row_token.data(), num_rows, hidden,
                 permuted.mutable_data_ptr<scalar_t>());
@@ -276,7 +277,7 @@ at::Tensor moe_unpermute(const at::Tensor& permuted_in, const at::Tensor& sorted
   const int64_t rows = permuted.size(0);
   const int64_t hidden = permuted.size(1);
   const int64_t topk = num_tokens == 0 ? 0 : slots / num_tokens;
-  at::Tensor out = at::empty({num_tokens, hidden}, permuted.options());
+  at::Tensor out = empty_huge_page_advised({num_tokens, hidden}, permuted.options());
   const int64_t* row_of = sorted.const_data_ptr<int64_t>();
   const float* w = probs ? probs->const_data_ptr<float>() : nullptr;
   MMK_DISPATCH_MOE_TYPES(permuted.scalar_type(), "mm_kernels_cpu::moe_unpermute", [&] {
@@ -310,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_bwd(const at::Tensor& dout_in, 
   const int64_t rows = permuted.size(0);
   const int64_t hidden = permuted.size(1);
   const int64_t topk = num_tokens == 0 ? 0 : slots / num_tokens;
-  at::Tensor dpermuted = at::empty({rows, hidden}, permuted.options());
+  at::Tensor dpermuted = empty_huge_page_advised({rows, hidden}, permuted.options());
   at::Tensor dprobs = at::zeros({probs ? slots : 0}, at::kFloat);
   const int64_t* row_of = sorted.const_data_ptr<int64_t>();
   const float* w = probs ? probs->const_data_ptr<float>() : nullptr;
@@ -369,7 +370,7 @@ at::Tensor moe_gather(const at::Tensor& src_in, const at::Tensor& row_token_in) 
   const at::Tensor row_token = index_as_long(op, "row_token", row_token_in);
   check_range(op, "row_token", row_token.const_data_ptr<int64_t>(), row_token.numel(), src_in.size(0));
   const at::Tensor src = src_in.contiguous();
-  at::Tensor out = at::empty({row_token.numel(), src.size(1)}, src.options());
+  at::Tensor out = empty_huge_page_advised({row_token.numel(), src.size(1)}, src.options());
   MMK_DISPATCH_MOE_TYPES(src.scalar_type(), "mm_kernels_cpu::moe_gather", [&] {
     gather_rows(src.const_data_ptr<scalar_t>(), row_token.const_data_ptr<int64_t>(), row_token.numel(), src.size(1),
                 out.mutable_data_ptr<scalar_t>());
@@ -401,7 +402,7 @@ at::Tensor moe_combine(const at::Tensor& src_in, const at::Tensor& row_token_in,
   }
   const at::Tensor src = src_in.contiguous();
   const int64_t hidden = src.size(1);
-  at::Tensor out = at::empty({num_tokens, hidden}, src.options());
+  at::Tensor out = empty_huge_page_advised({num_tokens, hidden}, src.options());
   const float* w = weight ? weight->const_data_ptr<float>() : nullptr;
   MMK_DISPATCH_MOE_TYPES(src.scalar_type(), "mm_kernels_cpu::moe_combine", [&] {
     sum_rows_per_token(src.const_data_ptr<scalar_t>(), rows, hidden, num_tokens, row_grain(hidden),
@@ -429,7 +430,7 @@ std::tuple<at::Tensor, at::Tensor> moe_combine_bwd(const at::Tensor& dout_in, co
   const at::Tensor src = src_in.contiguous();
   const at::Tensor dout = dout_in.contiguous();
   const int64_t hidden = src.size(1);
-  at::Tensor dsrc = at::empty({rows, hidden}, src.options());
+  at::Tensor dsrc = empty_huge_page_advised({rows, hidden}, src.options());
   at::Tensor dweight = at::empty({weight ? rows : 0}, at::kFloat);
   const float* w = weight ? weight->const_data_ptr<float>() : nullptr;
   float* dw = weight ? dweight.mutable_data_ptr<float>() : nullptr;
