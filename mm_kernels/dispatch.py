@@ -82,7 +82,7 @@ def forced_backend() -> str | None:
 
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
-    """Forces every mm_kernels call inside the block to run on backend ``name`` (None: automatic)."""
+    """Forces every mm_kernels call inside the block to run on backend ``name`` (None: no override; MM_KERNELS_BACKEND still applies)."""
     global _forced
     if name is not None:
         _check_name(name, "use_backend")

@@ -59,8 +59,8 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--moe-token-drop-policy", default="probs", choices=["probs", "position"])
 
 
-def check_moe(args, tp_dp_size: int) -> None:
-    """Refuses inconsistent MoE flags (ConfigError, one line). ``tp_dp_size`` = world size / PP."""
+def check_moe(args, tp_cp_dp_size: int) -> None:
+    """Refuses inconsistent MoE flags (ConfigError, one line). ``tp_cp_dp_size`` = world size / PP."""
     if args.num_experts is None:
         for name, unset in _NEEDS_EXPERTS:
             if getattr(args, name) != unset:
@@ -73,8 +73,8 @@ def check_moe(args, tp_dp_size: int) -> None:
         raise ConfigError(f"--moe-router-topk {topk} must be in [1, --num-experts {experts}]")
     if ep < 1 or experts % ep:
         raise ConfigError(f"--num-experts {experts} is not divisible by --expert-model-parallel-size {ep}")
-    if tp_dp_size % ep:
-        raise ConfigError(f"--expert-model-parallel-size {ep} does not divide TP x DP = {tp_dp_size}")
+    if tp_cp_dp_size % ep:
+        raise ConfigError(f"--expert-model-parallel-size {ep} does not divide TP x CP x DP = {tp_cp_dp_size}")
     if args.use_torch_fsdp2:
         raise ConfigError("--num-experts with --use-torch-fsdp2 is not yet supported by mm-train")
     tp = args.tensor_model_parallel_size

@@ -37,7 +37,7 @@ REFUSED = {
     "experts not divisible by EP": (["--num-experts", "3", "--expert-model-parallel-size", "2"],
                                     "--num-experts 3 is not divisible by --expert-model-parallel-size 2"),
     "EP larger than the world": (["--num-experts", "4", "--expert-model-parallel-size", "4"],
-                                 "--expert-model-parallel-size 4 does not divide TP x DP = 2"),
+                                 "--expert-model-parallel-size 4 does not divide TP x CP x DP = 2"),
     "tensor parallel without sequence parallel": (["--num-experts", "4", "--tensor-model-parallel-size", "2"],
                                                   "--num-experts with --tensor-model-parallel-size > 1 needs "
                                                   "--sequence-parallel"),

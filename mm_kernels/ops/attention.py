@@ -13,14 +13,14 @@ import torch
 from torch import Tensor
 
 from mm_kernels._registry import kernels_for
-from mm_kernels.ops._checks import check_float, check_same_device
+from mm_kernels.ops._checks import check_float, check_same_device, check_shape
 from mm_kernels.reference.rms_norm import compute_dtype
 
 IMPLEMENTED = ("reference", "cpu", "triton", "npu")
 
 
 def _kernels(q: Tensor):
-    return kernels_for("attention", "attention", q.device, IMPLEMENTED)
+    return kernels_for("attention", q.device, IMPLEMENTED)
 
 
 def _lse_like(q: Tensor) -> Tensor:
@@ -80,8 +80,7 @@ def check_attention_args(q: object, k: object, v: object) -> None:
     dtype and device with Hq a multiple of Hkv and D >= 1."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have shape [B, S, H, D], got {tuple(t.shape)}")
+        check_shape(name, t, 4, "[B, S, H, D]")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check_same_device(q=q, k=k, v=v)

@@ -26,7 +26,7 @@ IMPLEMENTED = ("reference", "cpu", "triton", "npu")
 
 
 def _kernels(x: Tensor):
-    return kernels_for("moe", "moe", x.device, IMPLEMENTED)
+    return kernels_for("moe", x.device, IMPLEMENTED)
 
 
 def _check_values_in(name: str, values: Tensor, bound: int) -> None:

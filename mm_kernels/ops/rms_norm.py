@@ -20,7 +20,7 @@ IMPLEMENTED = ("reference", "cpu", "triton", "npu")
 
 
 def _kernels(x: Tensor):
-    return kernels_for("rms_norm", "rms_norm", x.device, IMPLEMENTED)
+    return kernels_for("rms_norm", x.device, IMPLEMENTED)
 
 
 @torch.library.custom_op("mm_kernels::rms_norm_fwd", mutates_args=())
@@ -54,6 +54,7 @@ def _(dy, x, weight, rstd, eps, casting, offset):
 def _setup_context(ctx, inputs, output):
     x, weight, eps, casting, offset = inputs
     ctx.save_for_backward(x, weight, output[1])
+    ctx.mark_non_differentiable(output[1])
     ctx.eps, ctx.casting, ctx.offset = eps, casting, offset
 
 
@@ -83,6 +84,7 @@ def _(x, residual, weight, eps):
 def _add_setup_context(ctx, inputs, output):
     _, _, weight, eps = inputs
     ctx.save_for_backward(output[2], weight, output[1])
+    ctx.mark_non_differentiable(output[1])
     ctx.eps = eps
 
 

@@ -16,7 +16,7 @@ IMPLEMENTED = ("reference", "cpu", "triton", "npu")
 
 
 def _kernels(x: Tensor):
-    return kernels_for("swiglu", "swiglu", x.device, IMPLEMENTED)
+    return kernels_for("swiglu", x.device, IMPLEMENTED)
 
 
 def _half_shape(x: Tensor, dim: int) -> list[int]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mm_kernels.reference.rms_norm import compute_dtype
+
 
 def num_kept_rows(slots: int, num_out_tokens: int) -> int:
     """Rows kept out of ``slots``: ``num_out_tokens`` if > 0, else ``slots + num_out_tokens``, within [0, slots]."""
@@ -45,7 +47,7 @@ def unpermute_fwd(permuted: Tensor, sorted_indices: Tensor, probs: Tensor | None
     """permuted [N, H], sorted_indices [T * K], probs [T, K] or None -> out [T, H] in permuted.dtype.
 
     out[t] = sum_k permuted[sorted_indices[t * K + k]] * probs[t, k]; slots with a row >= N add nothing.
-    The products and the sum are computed in the promoted dtype of permuted and probs.
+    The products and the sum are computed in fp32 (fp64 for fp64 inputs).
     """
     rows, hidden = permuted.shape
     topk = topk_of(sorted_indices, num_tokens)
@@ -54,9 +56,10 @@ def unpermute_fwd(permuted: Tensor, sorted_indices: Tensor, probs: Tensor | None
         # Dropped slots read an appended zero row.
         permuted = torch.cat([permuted, permuted.new_zeros(1, hidden)])
         slot_rows = slot_rows.clamp(max=rows)
-    gathered = permuted.index_select(0, slot_rows.reshape(-1)).view(num_tokens, topk, hidden)
+    acc = compute_dtype(permuted.dtype)
+    gathered = permuted.index_select(0, slot_rows.reshape(-1)).view(num_tokens, topk, hidden).to(acc)
     if probs is not None:
-        gathered = gathered * probs.reshape(num_tokens, topk).unsqueeze(-1)
+        gathered = gathered * probs.reshape(num_tokens, topk).unsqueeze(-1).to(acc)
     return gathered.sum(dim=1).to(permuted.dtype)
 
 
