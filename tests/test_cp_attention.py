@@ -235,7 +235,7 @@ def test_hybrid_groups_are_consecutive_ulysses_and_strided_ring():
     assert ulysses == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert ring == [[0, 2, 4, 6], [1, 3, 5, 7]]
     assert hybrid_group_ranks([4, 5, 6, 7], 4) == ([[4, 5, 6, 7]], [[4], [5], [6], [7]])
-    with pytest.raises(ValueError, match="ulysses_degree must divide"):
+    with pytest.raises(ValueError, match="ulysses_degree dividing the context-parallel size 3, got 2"):
         hybrid_group_ranks([0, 1, 2], 2)
 
 

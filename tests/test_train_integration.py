@@ -1,4 +1,5 @@
-"""mm_kernels.integrations.megatron: the norm and SwiGLU swaps happen only when asked, and undo."""
+"""mm_kernels.integrations.megatron: the norm and SwiGLU swaps happen only when asked, and undo; the norm
+also goes in through the layer spec."""
 
 from __future__ import annotations
 
@@ -53,3 +54,20 @@ def test_fused_swiglu_matches_megatron_glu():
     gate, up = torch.chunk(x + bias, 2, dim=-1)
     expected = torch.nn.functional.silu(gate) * up
     assert_close(fused_bias_swiglu(x.float(), bias.float()), expected, torch.float32)
+
+
+def test_spec_swap_puts_the_fused_norm_in_every_layer_norm_slot():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from mm_kernels.integrations.megatron import MegatronFusedRMSNorm, swap_spec_module
+    from mm_kernels.nn import FusedRMSNorm
+
+    local = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=True)
+    fused = swap_spec_module(local, torch_norm.WrappedTorchNorm, MegatronFusedRMSNorm)
+    attention = fused.submodules.self_attention.submodules
+    slots = (fused.submodules.input_layernorm, fused.submodules.pre_mlp_layernorm, attention.q_layernorm,
+             attention.k_layernorm)
+    assert all(slot is MegatronFusedRMSNorm for slot in slots)
+    assert local.submodules.input_layernorm is torch_norm.WrappedTorchNorm  # the original spec is unchanged
+    norm = MegatronFusedRMSNorm(_config(), 8, eps=1e-5)
+    assert isinstance(norm, FusedRMSNorm) and norm.weight.sequence_parallel is False

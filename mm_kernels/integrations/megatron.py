@@ -1,48 +1,100 @@
 """Swaps megatron-core's RMSNorm, SwiGLU and MoE permute/unpermute for the mm_kernels ops (as MindSpeed does for NPU).
 
-Public API for any megatron-core trainer::
+Public API for any megatron-core trainer. The norm goes in through the layer spec, megatron-core's
+own seam, with no patching::
 
-    from mm_kernels.integrations.megatron import apply_fused_kernels
-    apply_fused_kernels(rmsnorm=True, swiglu=True, moe_permute=True)   # before the model is built
-    config = TransformerConfig(..., normalization="RMSNorm", gated_linear_unit=True,
-                               activation_func=F.silu, bias_activation_fusion=True)
+    from mm_kernels.integrations.megatron import MegatronFusedRMSNorm, apply_fused_kernels, norm_block_spec
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    block = norm_block_spec(layer, config, MegatronFusedRMSNorm)   # every layer's norms and the final norm
+    model = GPTModel(config, transformer_layer_spec=block, ...)
+    apply_fused_kernels(swiglu=True, moe_permute=True)              # before the model is built
 
-- ``rmsnorm``: every norm megatron-core builds through its torch-norm wrapper
-  (``WrappedTorchNorm``: the local layer spec's input/pre-MLP norms and the final norm)
-  becomes :class:`mm_kernels.nn.FusedRMSNorm` when ``config.normalization == "RMSNorm"``.
-  Its weight is marked ``sequence_parallel`` so megatron all-reduces its gradient over TP
-  under sequence parallelism. LayerNorm configs are left alone.
-- ``swiglu``: megatron-core's fused SwiGLU entry point (``bias_swiglu_impl``, used by the
-  dense MLP when ``bias_activation_fusion=True``) becomes :func:`mm_kernels.swiglu`
-  (``chunk(2, dim=-1)`` convention, as megatron's). Without ``bias_activation_fusion`` the
-  MLP runs megatron's reference ``silu(gate) * up``.
+- ``MegatronFusedRMSNorm``: a norm module with megatron's norm constructor ``(config, hidden_size,
+  eps)`` that builds :class:`mm_kernels.nn.FusedRMSNorm` (same parameter name and state dict as the
+  torch RMSNorm it replaces). Its weight is marked ``sequence_parallel`` so megatron all-reduces its
+  gradient over TP under sequence parallelism.
+- ``rmsnorm`` (:func:`apply_fused_kernels`): for trainers that cannot pass a spec, every norm
+  megatron-core builds through its torch-norm wrapper (``WrappedTorchNorm``) becomes the fused one
+  when ``config.normalization == "RMSNorm"``; LayerNorm configs are left alone.
+- ``swiglu``: megatron-core's fused SwiGLU entry point (``bias_swiglu_impl``, used by the dense
+  MLP when ``bias_activation_fusion=True``; megatron has no spec seam for it) becomes
+  :func:`mm_kernels.swiglu` (``chunk(2, dim=-1)`` convention, as megatron's). Without
+  ``bias_activation_fusion`` the MLP runs megatron's reference ``silu(gate) * up``.
 - ``moe_permute``: the token dispatchers' ``permute`` / ``unpermute`` (megatron-core's
   ``moe_utils`` functions, also imported by name into ``token_dispatcher``) become
   :data:`mm_kernels.ops.moe.megatron_permute` / ``megatron_unpermute`` (same signatures).
   Keep ``config.moe_permute_fusion = False``: megatron's own fusion needs Transformer Engine.
 
-With both flags off nothing is patched and the reference implementations run.
+With every flag off nothing is patched and the reference implementations run.
 :meth:`FusedKernelPatch.restore` (or leaving the ``with`` block) puts the originals back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+
+
+def fused_rms_norm(config, hidden_size: int, eps: float = 1e-5) -> torch.nn.Module:
+    """:class:`mm_kernels.nn.FusedRMSNorm` over ``hidden_size`` for megatron-core ``config`` (RMSNorm only)."""
+    from mm_kernels.nn import FusedRMSNorm
+
+    if config.normalization != "RMSNorm":
+        raise ValueError(f"the fused RMSNorm needs config.normalization 'RMSNorm', got {config.normalization!r}")
+    if config.layernorm_zero_centered_gamma:
+        raise ValueError("the fused RMSNorm does not support layernorm_zero_centered_gamma")
+    norm = FusedRMSNorm(hidden_size, eps=eps)
+    norm.weight.sequence_parallel = config.sequence_parallel
+    return norm
+
+
+class MegatronFusedRMSNorm:
+    """Layer-spec norm module: ``MegatronFusedRMSNorm(config, hidden_size, eps)`` returns a
+    :class:`mm_kernels.nn.FusedRMSNorm` (see :func:`fused_rms_norm`), like megatron's WrappedTorchNorm
+    returns a torch norm."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        return fused_rms_norm(config, hidden_size, eps)
+
+
+def swap_spec_module(spec, old: type, new: type):
+    """``spec`` (a ModuleSpec, submodules dataclass or module class) with every occurrence of the module
+    class ``old`` replaced by ``new``, at any depth. The input is not modified."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if spec is old:
+        return new
+    if isinstance(spec, ModuleSpec):
+        module = new if spec.module is old else spec.module
+        return dataclasses.replace(spec, module=module, submodules=swap_spec_module(spec.submodules, old, new))
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        changes = {f.name: swap_spec_module(getattr(spec, f.name), old, new) for f in dataclasses.fields(spec) if f.init}
+        return dataclasses.replace(spec, **changes)
+    return spec
+
+
+def norm_block_spec(layer_spec, config, norm: type, vp_stage: int | None = None, pp_rank: int | None = None):
+    """A TransformerBlockSubmodules (pass it as GPTModel's ``transformer_layer_spec``) whose layers are
+    ``layer_spec`` with its torch norms (megatron's WrappedTorchNorm) replaced by ``norm``, one per
+    layer of this pipeline stage, and whose final norm is ``norm``."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    layer = swap_spec_module(layer_spec, WrappedTorchNorm, norm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage, pp_rank),
+                                      layer_norm=norm)
 
 
 def _fused_norm_new(original_new):
     def new(cls, config, hidden_size, eps=1e-5, **kwargs):
         if config.normalization != "RMSNorm":
             return original_new(cls, config, hidden_size, eps, **kwargs)
-        from mm_kernels.nn import FusedRMSNorm
-
-        if config.layernorm_zero_centered_gamma:
-            raise ValueError("FusedRMSNorm swap: layernorm_zero_centered_gamma is not supported")
-        norm = FusedRMSNorm(hidden_size, eps=eps)
-        norm.weight.sequence_parallel = config.sequence_parallel
-        return norm
+        return fused_rms_norm(config, hidden_size, eps)
 
     return new
 
@@ -90,6 +142,7 @@ def apply_fused_kernels(rmsnorm: bool = False, swiglu: bool = False, moe_permute
     """Routes megatron-core's RMSNorm / SwiGLU / MoE permute to mm_kernels (see the module docstring).
 
     Call before the model is built. Returns the patch (a context manager) so it can be undone.
+    A trainer that builds its own layer spec passes ``rmsnorm=False`` and uses :func:`norm_block_spec`.
     """
     patch = FusedKernelPatch()
     if rmsnorm:

@@ -7,9 +7,11 @@ from mm_kernels.parallel.layout import (
     HYBRID,
     RING,
     ULYSSES,
+    check_ulysses_degree,
     required_multiple,
     shard_for_rank,
     shard_sequence,
+    ulysses_degree_of,
     unshard_pieces,
     unshard_sequence,
 )
@@ -22,6 +24,7 @@ __all__ = [
     "HYBRID",
     "RING",
     "ULYSSES",
+    "check_ulysses_degree",
     "cp_attention",
     "cp_groups_of",
     "hybrid_group_ranks",
@@ -30,6 +33,7 @@ __all__ = [
     "required_multiple",
     "shard_for_rank",
     "shard_sequence",
+    "ulysses_degree_of",
     "unshard_pieces",
     "unshard_sequence",
 ]

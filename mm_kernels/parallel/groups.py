@@ -15,14 +15,13 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from mm_kernels.parallel.layout import ulysses_degree_of
+from mm_kernels.parallel.layout import check_ulysses_degree, ulysses_degree_of
 
 
 def hybrid_group_ranks(cp_ranks: list[int], ulysses_degree: int) -> tuple[list[list[int]], list[list[int]]]:
     """(Ulysses groups, ring groups) of one CP group: groups of ``ulysses_degree`` consecutive ranks, and
     the ranks with the same position in them (stride ``ulysses_degree``). Pure; global ranks in, out."""
-    if ulysses_degree < 1 or len(cp_ranks) % ulysses_degree != 0:
-        raise ValueError(f"ulysses_degree must divide the context-parallel size {len(cp_ranks)}, got {ulysses_degree}")
+    check_ulysses_degree(len(cp_ranks), ulysses_degree)
     ulysses = [list(cp_ranks[i:i + ulysses_degree]) for i in range(0, len(cp_ranks), ulysses_degree)]
     ring = [list(cp_ranks[u::ulysses_degree]) for u in range(ulysses_degree)]
     return ulysses, ring

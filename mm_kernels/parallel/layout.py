@@ -25,10 +25,20 @@ HYBRID = "hybrid_cp_algo"
 CP_ALGOS = (ULYSSES, RING, HYBRID)
 
 
+def check_ulysses_degree(world_size: int, ulysses_degree: int | None) -> int:
+    """The hybrid rule: the Ulysses degree U divides the context-parallel size W (any divisor: U = 1 is
+    the ring alone, U = W is Ulysses alone). Returns U; raises ValueError otherwise."""
+    if ulysses_degree is None or ulysses_degree < 1 or world_size % ulysses_degree != 0:
+        raise ValueError(
+            f"hybrid_cp_algo needs ulysses_degree dividing the context-parallel size {world_size}, got {ulysses_degree}"
+        )
+    return ulysses_degree
+
+
 def ulysses_degree_of(algo: str, world_size: int, ulysses_degree: int | None) -> int:
     """The Ulysses degree U of ``algo`` on ``world_size`` ranks (W for Ulysses, 1 for ring, given for hybrid).
 
-    Raises ValueError for an unknown algo, or a hybrid degree that is missing or does not divide W.
+    Raises ValueError for an unknown algo, or a hybrid degree that breaks :func:`check_ulysses_degree`.
     """
     if algo not in CP_ALGOS:
         raise ValueError(f"algo must be one of {', '.join(CP_ALGOS)}, got {algo!r}")
@@ -36,11 +46,7 @@ def ulysses_degree_of(algo: str, world_size: int, ulysses_degree: int | None) ->
         return world_size
     if algo == RING:
         return 1
-    if ulysses_degree is None or ulysses_degree < 1 or world_size % ulysses_degree != 0:
-        raise ValueError(
-            f"hybrid_cp_algo needs ulysses_degree dividing the context-parallel size {world_size}, got {ulysses_degree}"
-        )
-    return ulysses_degree
+    return check_ulysses_degree(world_size, ulysses_degree)
 
 
 def required_multiple(algo: str, world_size: int, ulysses_degree: int | None = None) -> int:
