@@ -3,7 +3,7 @@
 The main guard matters: megatron-core's checkpoint writer starts processes that re-import ``__main__``.
 """
 
-from mm_train.training import console_main
+from mm_train.cli import console_main
 
 if __name__ == "__main__":
     console_main()

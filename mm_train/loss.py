@@ -24,15 +24,6 @@ import torch
 LOSS_MODES = ("token_mean", "per_sample", "per_token")
 
 
-def loss_mode(args) -> str:
-    """The loss normalisation selected by the flags."""
-    if args.calculate_per_sample_loss:
-        return "per_sample"
-    if args.calculate_per_token_loss:
-        return "per_token"
-    return "token_mean"
-
-
 def micro_batch_loss(mode: str, loss_mask: torch.Tensor, token_loss: torch.Tensor):
     """(value, divisor int tensor, {"lm loss": [numerator, denominator]}) for one micro-batch.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -17,7 +18,6 @@ import torch
 
 from mm_train.data import (
     ByteTokenizer,
-    add_data_args,
     build_data_iterators,
     build_tokenizer,
     default_corpus_path,
@@ -27,6 +27,9 @@ from mm_train.data import (
 from mm_train.data.documents import IndexedDocuments, InMemoryDocuments, indexed_dataset_module, split_ranges
 from mm_train.data.loader import build_sample_streams, consumed_valid_samples
 from mm_train.data.samples import BlendedStream, DocumentStream, PackedStream
+from mm_train.features import data as data_feature
+from mm_train.features.context_parallel import ContextParallelConfig, sequence_multiple
+from mm_train.features.data import DataConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
@@ -41,34 +44,35 @@ TEXTS = [
 ] + [f"Document {i}: " + "counting " * (i % 7) + f"ends at {i * 3}." for i in range(40)]
 
 
-def make_args(*argv: str, seq_length: int = 16, micro_batch_size: int = 2, global_batch_size: int = 8,
-              seed: int = 1234, eval_iters: int = 2, eval_interval: int = 5) -> argparse.Namespace:
-    """Data flags parsed from ``argv`` plus the trainer-owned flags the data code reads."""
+def make_config(*argv: str, seq_length: int = 16, micro_batch_size: int = 2, global_batch_size: int = 8,
+                seed: int = 1234, eval_iters: int = 2, eval_interval: int = 5, pad_multiple: int = 1) -> DataConfig:
+    """The DataConfig of the data flags in ``argv`` (checked as the command line checks them) plus the
+    trainer-owned values the data code reads."""
     parser = argparse.ArgumentParser()
-    add_data_args(parser)
+    data_feature.add_arguments(parser)
     args = parser.parse_args(["--num-workers", "0", *argv])
-    args.seq_length = seq_length
-    args.micro_batch_size = micro_batch_size
-    args.global_batch_size = global_batch_size
-    args.seed = seed
-    args.train_iters = 40
-    args.eval_iters = eval_iters
-    args.eval_interval = eval_interval
-    return args
+    vars(args).update(seq_length=seq_length, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
+                      seed=seed, eval_iters=eval_iters, eval_interval=eval_interval)
+    data_feature.check(args)
+    return data_feature.to_config(args, pad_multiple)
+
+
+def tokenizer_of(config: DataConfig):
+    return build_tokenizer(config.tokenizer_type, config.tokenizer_model, config.vocab_size)
 
 
 def take(iterator, count: int) -> list[dict[str, torch.Tensor]]:
     return [next(iterator) for _ in range(count)]
 
 
-def global_batches(args: argparse.Namespace, dp_size: int, count: int, consumed: int = 0,
+def global_batches(config: DataConfig, dp_size: int, count: int, consumed: int = 0,
                    valid: bool = False) -> list[dict[str, torch.Tensor]]:
     """``count`` global batches, each the rank-ordered concatenation of all DP ranks' micro-batches."""
-    tokenizer = build_tokenizer(args)
-    per_rank_micro = args.global_batch_size // (args.micro_batch_size * dp_size)
+    tokenizer = tokenizer_of(config)
+    per_rank_micro = config.global_batch_size // (config.micro_batch_size * dp_size)
     ranks = []
     for rank in range(dp_size):
-        train, valid_iterator = build_data_iterators(args, tokenizer, consumed, rank, dp_size)
+        train, valid_iterator = build_data_iterators(config, tokenizer, consumed, rank, dp_size)
         ranks.append(take(valid_iterator if valid else train, count * per_rank_micro))
     batches = []
     for i in range(count):
@@ -109,7 +113,7 @@ def indexed_prefix(jsonl, tmp_path_factory) -> str:
 # Tokenizers
 
 def test_byte_tokenizer_round_trip():
-    tokenizer = build_tokenizer(make_args())
+    tokenizer = tokenizer_of(make_config())
     assert isinstance(tokenizer, ByteTokenizer)
     assert (tokenizer.vocab_size, tokenizer.eod, tokenizer.pad) == (258, 256, 257)
     for text in TEXTS:
@@ -120,23 +124,23 @@ def test_byte_tokenizer_round_trip():
 
 
 def test_byte_tokenizer_vocab_size():
-    assert build_tokenizer(make_args("--vocab-size", "512")).vocab_size == 512
+    assert tokenizer_of(make_config("--vocab-size", "512")).vocab_size == 512
     with pytest.raises(ValueError, match="--vocab-size 100"):
-        build_tokenizer(make_args("--vocab-size", "100"))
+        tokenizer_of(make_config("--vocab-size", "100"))
 
 
 @pytest.mark.skipif(HAS_TRANSFORMERS, reason="checks the message shown when transformers is missing")
 def test_hf_tokenizer_without_transformers(tmp_path):
     with pytest.raises(ImportError, match="transformers"):
-        build_tokenizer(make_args("--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path)))
+        tokenizer_of(make_config("--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path)))
 
 
 def test_hf_tokenizer_needs_local_directory(tmp_path):
     with pytest.raises(ValueError, match="--tokenizer-model"):
-        build_tokenizer(make_args("--tokenizer-type", "HuggingFaceTokenizer"))
+        tokenizer_of(make_config("--tokenizer-type", "HuggingFaceTokenizer"))
     with pytest.raises(ValueError, match="local directory"):
-        build_tokenizer(make_args("--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
-                                  str(tmp_path / "missing")))
+        tokenizer_of(make_config("--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+                                 str(tmp_path / "missing")))
 
 
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed")
@@ -149,7 +153,7 @@ def test_hf_tokenizer_round_trip(tmp_path):
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>").save_pretrained(tmp_path)
-    tokenizer = build_tokenizer(make_args("--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path)))
+    tokenizer = tokenizer_of(make_config("--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path)))
     assert (tokenizer.vocab_size, tokenizer.eod, tokenizer.pad) == (len(vocab), 0, 0)
     ids = tokenizer.tokenize(TEXTS[0])
     assert ids == [vocab[w] for w in TEXTS[0].split()]
@@ -295,47 +299,47 @@ def test_split_ranges():
 @pytest.mark.parametrize("variable", [False, True])
 def test_global_batch_is_the_same_for_any_dp_size(indexed_prefix, variable):
     flags = ["--data-path", indexed_prefix, "--split", "90,10,0"] + (["--variable-seq-lengths"] if variable else [])
-    args = make_args(*flags, micro_batch_size=1)
-    single = global_batches(args, dp_size=1, count=4)
+    config = make_config(*flags, micro_batch_size=1)
+    single = global_batches(config, dp_size=1, count=4)
     for dp_size in (2, 4):
-        assert_same_batches(global_batches(args, dp_size=dp_size, count=4), single)
-    args.micro_batch_size = 2
-    assert_same_batches(global_batches(args, dp_size=2, count=4), single)
+        assert_same_batches(global_batches(config, dp_size=dp_size, count=4), single)
+    config = dataclasses.replace(config, micro_batch_size=2)
+    assert_same_batches(global_batches(config, dp_size=2, count=4), single)
     assert not torch.equal(single[0]["tokens"], single[1]["tokens"])
 
 
 @pytest.mark.parametrize("flags", [[], ["--variable-seq-lengths"], ["--mock-data"]])
 def test_resume_from_consumed_samples_is_exact(flags):
-    args = make_args(*flags)
-    uninterrupted = global_batches(args, dp_size=2, count=7)
-    resumed = global_batches(args, dp_size=2, count=4, consumed=3 * args.global_batch_size)
+    config = make_config(*flags)
+    uninterrupted = global_batches(config, dp_size=2, count=7)
+    resumed = global_batches(config, dp_size=2, count=4, consumed=3 * config.global_batch_size)
     assert_same_batches(resumed, uninterrupted[3:])
 
 
 def test_valid_iterator_resumes_where_evaluations_left_off():
-    args = make_args(eval_iters=2, eval_interval=5)
-    assert consumed_valid_samples(args, 12 * args.global_batch_size) == 2 * 2 * args.global_batch_size
-    uninterrupted = global_batches(args, dp_size=1, count=6, valid=True)
-    resumed = global_batches(args, dp_size=1, count=2, consumed=12 * args.global_batch_size, valid=True)
+    config = make_config(eval_iters=2, eval_interval=5)
+    assert consumed_valid_samples(config, 12 * config.global_batch_size) == 2 * 2 * config.global_batch_size
+    uninterrupted = global_batches(config, dp_size=1, count=6, valid=True)
+    resumed = global_batches(config, dp_size=1, count=2, consumed=12 * config.global_batch_size, valid=True)
     assert_same_batches(resumed, uninterrupted[4:])
 
 
 def test_worker_processes_keep_the_order():
-    args = make_args("--variable-seq-lengths")
-    serial = global_batches(args, dp_size=1, count=3)
-    args.num_workers = 2
-    assert_same_batches(global_batches(args, dp_size=1, count=3), serial)
+    config = make_config("--variable-seq-lengths")
+    serial = global_batches(config, dp_size=1, count=3)
+    config = dataclasses.replace(config, num_workers=2)
+    assert_same_batches(global_batches(config, dp_size=1, count=3), serial)
 
 
 def test_seed_changes_the_order():
-    assert not torch.equal(global_batches(make_args(seed=1), 1, 1)[0]["tokens"],
-                           global_batches(make_args(seed=2), 1, 1)[0]["tokens"])
+    assert not torch.equal(global_batches(make_config(seed=1), 1, 1)[0]["tokens"],
+                           global_batches(make_config(seed=2), 1, 1)[0]["tokens"])
 
 
 def test_packed_batches_shapes_labels_and_masks():
-    args = make_args(seq_length=32)
-    tokenizer = build_tokenizer(args)
-    train, valid = build_data_iterators(args, tokenizer, 0, 0, 1)
+    config = make_config(seq_length=32)
+    tokenizer = tokenizer_of(config)
+    train, valid = build_data_iterators(config, tokenizer, 0, 0, 1)
     for batch in take(train, 4) + take(valid, 2):
         assert batch["tokens"].shape == batch["labels"].shape == (2, 32)
         assert batch["tokens"].dtype == batch["labels"].dtype == batch["position_ids"].dtype == torch.int64
@@ -348,12 +352,12 @@ def test_packed_batches_shapes_labels_and_masks():
 
 def test_variable_seq_lengths_pad_to_the_longest_of_the_global_batch(indexed_prefix):
     seq_length = 64
-    args = make_args("--data-path", indexed_prefix, "--split", "1", "--variable-seq-lengths",
-                     seq_length=seq_length, micro_batch_size=2, global_batch_size=4)
-    tokenizer = build_tokenizer(args)
+    config = make_config("--data-path", indexed_prefix, "--split", "1", "--variable-seq-lengths",
+                         seq_length=seq_length, micro_batch_size=2, global_batch_size=4)
+    tokenizer = tokenizer_of(config)
     documents = [tokenizer.tokenize(t) + [tokenizer.eod] for t in TEXTS if t]
     truncated_documents = [d[:seq_length + 1] for d in documents]
-    train, _ = build_data_iterators(args, tokenizer, 0, 0, 1)
+    train, _ = build_data_iterators(config, tokenizer, 0, 0, 1)
     lengths = set()
     for _ in range(10):
         pair = take(train, 2)
@@ -376,22 +380,23 @@ def test_variable_seq_lengths_pad_to_the_longest_of_the_global_batch(indexed_pre
 
 
 def test_variable_seq_lengths_keep_the_sequence_parallel_multiple():
-    args = make_args("--variable-seq-lengths", "--mock-data", seq_length=64)
-    args.sequence_parallel, args.tensor_model_parallel_size = True, 4
-    train, _ = build_data_iterators(args, build_tokenizer(args), 0, 0, 1)
+    config = make_config("--variable-seq-lengths", "--mock-data", seq_length=64,
+                         pad_multiple=sequence_multiple(ContextParallelConfig(), tensor_model_parallel_size=4,
+                                                        sequence_parallel=True))
+    train, _ = build_data_iterators(config, tokenizer_of(config), 0, 0, 1)
     widths = [next(train)["tokens"].shape[1] for _ in range(12)]
     assert all(w % 4 == 0 for w in widths) and len(set(widths)) > 1
 
 
 def test_mock_data_is_random_tokens_in_the_vocabulary():
-    args = make_args("--mock-data", "--vocab-size", "300")
-    batch = global_batches(args, 1, 1)[0]
+    config = make_config("--mock-data", "--vocab-size", "300")
+    batch = global_batches(config, 1, 1)[0]
     assert batch["tokens"].max() < 300 and batch["tokens"].unique().numel() > 50
 
 
 def test_train_and_valid_use_disjoint_documents(indexed_prefix):
-    args = make_args("--data-path", indexed_prefix, "--split", "70,30,0", "--variable-seq-lengths", seq_length=200)
-    train, valid, _ = build_sample_streams(args, build_tokenizer(args))
+    config = make_config("--data-path", indexed_prefix, "--split", "70,30,0", "--variable-seq-lengths", seq_length=200)
+    train, valid, _ = build_sample_streams(config, tokenizer_of(config))
     train_docs = {tuple(train.sample(k)) for k in range(200)}
     valid_docs = {tuple(valid.sample(k)) for k in range(100)}
     assert train_docs and valid_docs and not train_docs & valid_docs
@@ -401,17 +406,17 @@ def test_train_and_valid_use_disjoint_documents(indexed_prefix):
 def test_weighted_data_paths_blend(indexed_prefix, jsonl, tmp_path):
     preprocess.main(["--input", str(jsonl), "--json-keys", "title", "--output-prefix", str(tmp_path / "t")])
     titles = str(tmp_path / "t_title_document")
-    args = make_args("--data-path", "0.25", indexed_prefix, "0.75", titles, "--split", "1",
-                     "--variable-seq-lengths", seq_length=200)
-    train, _, _ = build_sample_streams(args, build_tokenizer(args))
+    config = make_config("--data-path", "0.25", indexed_prefix, "0.75", titles, "--split", "1",
+                         "--variable-seq-lengths", seq_length=200)
+    train, _, _ = build_sample_streams(config, tokenizer_of(config))
     from_titles = sum(bytes(train.sample(k)[:5].tolist()) == b"title" for k in range(400))
     assert from_titles == 300
 
 
 def test_unweighted_data_paths_are_concatenated(indexed_prefix):
-    args = make_args("--data-path", indexed_prefix, indexed_prefix.replace("_text_", "_title_"), "--split", "1",
-                     "--variable-seq-lengths", seq_length=200)
-    train, _, _ = build_sample_streams(args, build_tokenizer(args))
+    config = make_config("--data-path", indexed_prefix, indexed_prefix.replace("_text_", "_title_"), "--split", "1",
+                         "--variable-seq-lengths", seq_length=200)
+    train, _, _ = build_sample_streams(config, tokenizer_of(config))
     documents = [tuple(train.sample(k)) for k in range(2 * len(TEXTS))]
     tokenizer = ByteTokenizer()
     expected = [tokenizer.tokenize(t) + [tokenizer.eod] for t in TEXTS if t]
@@ -428,15 +433,15 @@ def test_unweighted_data_paths_are_concatenated(indexed_prefix):
     ([], {"seed": -1}, "--seed"),
 ])
 def test_bad_data_arguments_are_refused(flags, kwargs, message):
-    args = make_args(*flags, **kwargs)
     with pytest.raises(ValueError, match=message):
-        build_data_iterators(args, build_tokenizer(args), 0, 0, 1)
+        config = make_config(*flags, **kwargs)
+        build_data_iterators(config, tokenizer_of(config), 0, 0, 1)
 
 
 def test_consumed_samples_must_be_whole_global_batches():
-    args = make_args()
+    config = make_config()
     with pytest.raises(ValueError, match="consumed_train_samples"):
-        build_data_iterators(args, build_tokenizer(args), 3, 0, 1)
+        build_data_iterators(config, tokenizer_of(config), 3, 0, 1)
 
 
 def test_tokens_outside_the_vocabulary_are_reported(tmp_path):
@@ -445,8 +450,8 @@ def test_tokens_outside_the_vocabulary_are_reported(tmp_path):
     builder = module.IndexedDatasetBuilder(module.get_bin_path(prefix), dtype=np.uint16)
     builder.add_document(np.arange(300, 340), [40])
     builder.finalize(module.get_idx_path(prefix))
-    args = make_args("--data-path", prefix, "--split", "1")
-    train, _ = build_data_iterators(args, build_tokenizer(args), 0, 0, 1)
+    config = make_config("--data-path", prefix, "--split", "1")
+    train, _ = build_data_iterators(config, tokenizer_of(config), 0, 0, 1)
     with pytest.raises(ValueError, match="outside the vocabulary of 258"):
         next(train)
 
@@ -454,13 +459,14 @@ def test_tokens_outside_the_vocabulary_are_reported(tmp_path):
 # The shipped corpus
 
 def test_data_flags_defaults():
-    args = make_args()
+    parser = argparse.ArgumentParser()
+    data_feature.add_arguments(parser)
+    args = parser.parse_args([])
     assert (args.data_path, args.split, args.tokenizer_type, args.tokenizer_model, args.vocab_size) == (
         None, "969,30,1", "ByteTokenizer", None, None)
-    assert not args.variable_seq_lengths and not args.mock_data
-    parser = argparse.ArgumentParser()
-    add_data_args(parser)
-    assert parser.parse_args([]).num_workers == 2
+    assert not args.variable_seq_lengths and not args.mock_data and args.num_workers == 2
+    config = make_config()
+    assert (config.data_paths, config.data_weights, config.split) == ((), None, (0.969, 0.03, 0.001))
 
 
 def test_corpus_is_what_the_generator_writes():

@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 
-from mm_train.checkpointing import TRACKER, CheckpointError, iteration_dir, latest_iteration
-from mm_train.dcp_checkpoint import LoadedCheckpoint, load_dcp_checkpoint, save_dcp_checkpoint
-from mm_train.fsdp2 import FSDP2Config, apply_fsdp2
-from mm_train.meta_init import build_fsdp2_model_on_meta
-from mm_train.param_init import init_parameters_
+from mm_train.checkpoint.atomic import TRACKER, iteration_dir, latest_iteration
+from mm_train.checkpoint.dcp import LoadedCheckpoint, load_dcp_checkpoint, save_dcp_checkpoint
+from mm_train.errors import CheckpointError
+from mm_train.features.fsdp2 import FSDP2Config, apply_fsdp2, build_fsdp2_model_on_meta
+from mm_train.model.init import init_parameters_
 from tests.distributed import run_ranks
 from tests.toy_transformer import ToyTransformer, global_rng_batch, keyed_batch, keyed_full_value, train
 

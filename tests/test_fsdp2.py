@@ -12,21 +12,24 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from mm_train.fsdp2 import (
+from mm_train.cli import parse_args
+from mm_train.features.fsdp2 import (
     FSDP2Config,
     FSDP2ConfigError,
     apply_fsdp2,
+    build_fsdp2_model_on_meta,
     load_fsdp2_config,
     select_modules,
-    validate_fsdp2_args,
 )
-from mm_train.meta_init import build_fsdp2_model_on_meta, materialize_meta_model
-from mm_train.param_init import init_parameters_
+from mm_train.features.fsdp2 import check as check_fsdp2_flags
+from mm_train.model.init import init_parameters_, materialize_meta_model
 from tests.distributed import run_ranks
 from tests.toy_transformer import ToyTransformer, keyed_batch, keyed_full_value, lm_loss, train
+from tests.train_runner import TINY
 
 INIT = keyed_full_value(seed=1234)
 STEPS = range(4)
+EXAMPLE_CONFIG = str(Path(__file__).parents[1] / "examples" / "fsdp2_config.yaml")
 
 FULL_YAML = """
 sharding_size: 2
@@ -60,7 +63,7 @@ def test_load_config_reads_every_key(tmp_path):
 
 
 def test_example_config_loads():
-    config = load_fsdp2_config(Path(__file__).parents[1] / "examples" / "fsdp2_config.yaml")
+    config = load_fsdp2_config(EXAMPLE_CONFIG)
     assert config.sub_modules_to_wrap == ("decoder.layers.{*}",) and config.num_to_forward_prefetch == 1
 
 
@@ -126,20 +129,16 @@ def assert_same_parameters(actual: nn.Module, expected: nn.Module) -> None:
 
 
 def megatron_args(**overrides) -> argparse.Namespace:
-    args = dict(use_torch_fsdp2=True, fsdp2_config_path="cfg.yaml", use_cpu_initialization=True,
-                init_model_with_meta_device=False, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                context_parallel_size=1, expert_model_parallel_size=1, use_distributed_optimizer=False,
-                sequence_parallel=False, overlap_grad_reduce=False, overlap_param_gather=False,
-                recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
-                save=None, load=None, ckpt_format="torch")
-    args.update(overrides)
-    return argparse.Namespace(**args)
+    """The parsed flags of a tiny FSDP2 run, with ``overrides`` set by attribute name."""
+    args = parse_args(TINY + ["--use-torch-fsdp2", "--fsdp2-config-path", EXAMPLE_CONFIG, "--use-cpu-initialization"])
+    vars(args).update(overrides)
+    return args
 
 
 def test_valid_fsdp2_args_pass():
-    validate_fsdp2_args(megatron_args())
-    validate_fsdp2_args(megatron_args(save="ckpt", ckpt_format="torch_dcp", init_model_with_meta_device=True))
-    validate_fsdp2_args(megatron_args(use_torch_fsdp2=False, fsdp2_config_path=None, tensor_model_parallel_size=2))
+    check_fsdp2_flags(megatron_args(), world_size=2)
+    check_fsdp2_flags(megatron_args(save="ckpt", ckpt_format="torch_dcp", init_model_with_meta_device=True), 2)
+    check_fsdp2_flags(megatron_args(use_torch_fsdp2=False, fsdp2_config_path=None, tensor_model_parallel_size=2), 2)
 
 
 @pytest.mark.parametrize("overrides, flag", [
@@ -162,7 +161,7 @@ def test_valid_fsdp2_args_pass():
 ])
 def test_incompatible_flags_refused(overrides, flag):
     with pytest.raises(ValueError, match=flag) as error:
-        validate_fsdp2_args(megatron_args(**overrides))
+        check_fsdp2_flags(megatron_args(**overrides), world_size=2)
     assert "\n" not in str(error.value)
 
 

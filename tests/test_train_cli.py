@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from mm_train.training import main
+from mm_train.cli import main
 from tests.train_runner import TINY, losses, run_train
 
 BAD_COMBINATIONS = {

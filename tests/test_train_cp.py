@@ -10,8 +10,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mm_train.arguments import parse_args
-from mm_train.training import main
+from mm_kernels.parallel import HYBRID, required_multiple
+from mm_train.cli import main, parse_args
+from mm_train.config import build_config
+from mm_train.data import build_data_iterators, build_tokenizer
+from mm_train.launch import Launch
 from tests.distributed import run_ranks
 from tests.helpers import assert_close
 from tests.train_runner import TINY, losses, rel_close, run_train
@@ -44,12 +47,10 @@ def _model_steps(rank: int, world_size: int, cp: int, cases: dict[str, list[str]
     parameter gradients summed over the CP group divided by CP (what DDP's DP x CP average leaves)."""
     from megatron.core import parallel_state, tensor_parallel
 
-    from mm_train.context_parallel import cp_loss_function, set_up_context_parallel, shard_batch
-    from mm_train.cpu_adaptor import apply_cpu_adaptor
-    from mm_train.environment import Launch
-    from mm_train.loss import loss_function, loss_mode
-    from mm_train.model import build_model, transformer_config
-    from mm_train.validation import validate
+    from mm_train.features.context_parallel import cp_loss_function, set_up_context_parallel, shard_batch
+    from mm_train.loss import loss_function
+    from mm_train.model.build import build_model, transformer_config
+    from mm_train.platform.cpu_adaptor import apply_cpu_adaptor
 
     apply_cpu_adaptor()
     parallel_state.initialize_model_parallel(1, 1, context_parallel_size=cp)
@@ -58,13 +59,13 @@ def _model_steps(rank: int, world_size: int, cp: int, cases: dict[str, list[str]
     try:
         for name, flags in cases.items():
             for mode_name, mode_flags in MODES.items():
-                args = parse_args(MODEL + ["--context-parallel-size", str(cp), *flags, *mode_flags])
-                validate(args, Launch(rank, world_size, 0, "cpu"))
-                context_parallel = set_up_context_parallel(args, timedelta(seconds=60))
-                model = build_model(args, transformer_config(args), VOCAB, context_parallel)
+                config = build_config(parse_args(MODEL + ["--context-parallel-size", str(cp), *flags, *mode_flags]),
+                                      Launch(rank, world_size, 0, "cpu"))
+                context_parallel = set_up_context_parallel(config.context_parallel, timedelta(seconds=60))
+                model = build_model(config, transformer_config(config), VOCAB, context_parallel)
                 batch = shard_batch(_micro_batch(), context_parallel)
                 token_loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-                mode = loss_mode(args)
+                mode = config.training.loss_mode
                 loss_func = (loss_function(mode, batch["loss_mask"]) if context_parallel is None
                              else cp_loss_function(mode, batch["loss_mask"], context_parallel))
                 value, divisor, report = loss_func(token_loss)
@@ -148,8 +149,6 @@ BAD_COMBINATIONS = {
     "world not divisible by CP": (2, ["--context-parallel-size", "4"], "not divisible by TP x PP x CP = 1 x 1 x 4"),
     "hybrid without degree": (4, ["--context-parallel-size", "4", "--context-parallel-algo", "hybrid_cp_algo"],
                               "hybrid_cp_algo needs --ulysses-degree-in-cp"),
-    "hybrid degree equal to CP": (4, ["--context-parallel-size", "4", "--context-parallel-algo", "hybrid_cp_algo",
-                                      "--ulysses-degree-in-cp", "4"], "strictly between 1 and 4"),
     "hybrid degree not dividing CP": (6, ["--context-parallel-size", "6", "--context-parallel-algo",
                                           "hybrid_cp_algo", "--ulysses-degree-in-cp", "4"],
                                       "--ulysses-degree-in-cp 4 must divide --context-parallel-size 6"),
@@ -180,6 +179,27 @@ def test_bad_combination_is_refused(case, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert message in err
     assert err.count("\n") == 1 and err.startswith("mm-train: error: ")
+
+
+@pytest.mark.parametrize("degree", [1, 2, 4])
+def test_hybrid_takes_any_ulysses_degree_dividing_cp(degree):
+    # One rule with mm_kernels.parallel.layout: U = 1 is the ring alone, U = CP Ulysses alone.
+    config = build_config(parse_args(TINY + ["--context-parallel-size", "4", "--context-parallel-algo",
+                                             "hybrid_cp_algo", "--ulysses-degree-in-cp", str(degree)]),
+                          Launch(0, 4, 0, "cpu"))
+    assert config.context_parallel.ulysses_degree == degree
+    assert config.data.pad_multiple == required_multiple(HYBRID, 4, degree)
+
+
+def test_variable_lengths_pad_to_the_layout_multiple():
+    # Ulysses on 4 ranks splits any multiple of 4: batches are padded to 4, not to 2 x CP = 8.
+    config = build_config(parse_args(TINY + ["--context-parallel-size", "4", "--variable-seq-lengths", "--mock-data",
+                                             "--micro-batch-size", "1", "--global-batch-size", "2"]),
+                          Launch(0, 4, 0, "cpu"))
+    assert config.data.pad_multiple == 4
+    train, _ = build_data_iterators(config.data, build_tokenizer(), 0, 0, config.parallel.data_parallel_size)
+    widths = {next(train)["tokens"].shape[1] for _ in range(16)}
+    assert all(width % 4 == 0 for width in widths) and any(width % 8 for width in widths), widths
 
 
 def test_flags_and_alias():

@@ -11,7 +11,7 @@ import megatron.core
 import pytest
 import torch
 
-from mm_train import cpu_adaptor
+from mm_train.platform import cpu_adaptor
 from tests.train_runner import ROOT
 
 
@@ -37,7 +37,7 @@ def test_cuda_to_cpu_mode_maps_devices():
 
 APPLIED_CHECK = """
 import torch
-from mm_train import cpu_adaptor
+from mm_train.platform import cpu_adaptor
 from tests.train_runner import ROOT
 from megatron.core.tensor_parallel import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
 assert cpu_adaptor.apply_cpu_adaptor() == [patch.name for patch in cpu_adaptor.PATCHES]
@@ -61,6 +61,6 @@ def test_applied_adaptor_routes_cuda_calls_to_cpu():
 
 
 def test_adaptor_stays_off_with_an_accelerator(monkeypatch):
-    monkeypatch.setattr(cpu_adaptor, "accelerator_present", lambda: True)
+    monkeypatch.setattr(cpu_adaptor, "device_type", lambda: "cuda")
     monkeypatch.setattr(cpu_adaptor, "_applied", [])
     assert cpu_adaptor.apply_cpu_adaptor() == []

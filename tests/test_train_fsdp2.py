@@ -6,7 +6,6 @@ scripts run."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -14,10 +13,11 @@ import subprocess
 import pytest
 import torch
 
-from mm_train.environment import ConfigError
-from mm_train.fsdp2_training import fsdp2_config
-from mm_train.training import main
-from tests.train_runner import ROOT, TINY, free_port, grad_norms, losses, rel_close, run_train
+from mm_train.cli import main
+from mm_train.errors import ConfigError
+from mm_train.features.fsdp2 import sharding_config
+from tests.distributed import free_port
+from tests.train_runner import ROOT, TINY, grad_norms, losses, rel_close, run_train
 
 EXAMPLE_CONFIG = str(ROOT / "examples" / "fsdp2_config.yaml")
 FSDP2 = ["--use-torch-fsdp2", "--fsdp2-config-path", EXAMPLE_CONFIG, "--use-cpu-initialization"]
@@ -138,18 +138,14 @@ def test_bad_config_key_refused_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "key 'sharding_size': 3 does not divide the world size 1" in err
 
 
-def _config_args(path: str, bf16: bool) -> argparse.Namespace:
-    return argparse.Namespace(fsdp2_config_path=path, bf16=bf16)
-
-
 def test_bf16_becomes_fsdp2_param_dtype(tmp_path):
-    config = fsdp2_config(_config_args(EXAMPLE_CONFIG, bf16=True), world_size=2)
+    config = sharding_config(EXAMPLE_CONFIG, bf16=True, world_size=2)
     assert (config.param_dtype, config.reduce_dtype) == (torch.bfloat16, torch.float32)
-    assert fsdp2_config(_config_args(EXAMPLE_CONFIG, bf16=False), world_size=2).param_dtype is None
+    assert sharding_config(EXAMPLE_CONFIG, bf16=False, world_size=2).param_dtype is None
     explicit = tmp_path / "fp16.yaml"
     explicit.write_text("param_dtype: fp16\n")
     with pytest.raises(ConfigError, match="--bf16 conflicts with param_dtype torch.float16"):
-        fsdp2_config(_config_args(str(explicit), bf16=True), world_size=2)
+        sharding_config(str(explicit), bf16=True, world_size=2)
 
 
 @pytest.mark.slow

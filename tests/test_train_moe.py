@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mm_kernels.integrations.megatron import apply_fused_kernels
 from mm_kernels.ops.moe import megatron_permute, megatron_unpermute
-from mm_train.training import main
+from mm_train.cli import main
 from tests.distributed import run_ranks
 from tests.helpers import assert_close
 from tests.train_runner import TINY, losses, rel_close, run_train
@@ -92,7 +92,7 @@ def _to_rank0_experts(logits, padding_mask=None):
 
 def _expected(x, router_weight, config):
     """Hand-computed layer output for _to_rank0_experts, from the full experts 0 and 1 drawn by name."""
-    from mm_train.model import draw_full
+    from mm_train.model.init import draw_full
 
     probs = torch.softmax(x @ router_weight[:2].t(), dim=-1)
     out = torch.zeros_like(x)
@@ -109,7 +109,7 @@ def _idle_experts_case(rank: int, dispatcher: str, grouped: bool, fused: bool) -
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.spec_utils import build_module
 
-    from mm_train.model import initialize
+    from mm_train.model.init import initialize
 
     config = TransformerConfig(
         num_layers=1, hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=2, num_moe_experts=EXPERTS,
@@ -143,7 +143,7 @@ def _idle_experts_on_rank1(rank: int, world_size: int) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from mm_train.cpu_adaptor import apply_cpu_adaptor
+    from mm_train.platform.cpu_adaptor import apply_cpu_adaptor
 
     apply_cpu_adaptor()
     parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=2)

@@ -8,13 +8,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mm_train.arguments import parse_args
+from mm_train.cli import parse_args
+from mm_train.config import build_config
+from mm_train.launch import Launch
 from mm_train.loss import micro_batch_loss
-from mm_train.model import tp_slice
-from mm_train.optimizer import name_matches, param_group_overrides
+from mm_train.model.init import tp_slice
+from mm_train.optim import ScaledParamScheduler, name_matches, param_group_overrides, warmup_samples
 from mm_train.reporting import IterationStats, iteration_line
-from mm_train.scheduler import ScaledParamScheduler, warmup_samples
 from tests.train_runner import TINY
+
+ONE_PROCESS = Launch(rank=0, world_size=1, local_rank=0, device_type="cpu")
+
+
+def run_config(flags: list[str]):
+    """The typed configuration of TINY + ``flags`` on one CPU process."""
+    return build_config(parse_args(TINY + flags), ONE_PROCESS)
 
 
 def test_token_mean_loss_is_mean_over_valid_tokens():
@@ -63,8 +71,7 @@ def test_name_match_is_case_insensitive_substring():
 
 
 def _groups(args_flags: list[str]) -> dict[str, tuple[float, float]]:
-    args = parse_args(TINY + args_flags)
-    overrides = param_group_overrides(args)
+    overrides = param_group_overrides(run_config(args_flags).optimizer)
     named = {"module.embedding.word_embeddings.weight": torch.empty(4, 4),
              "module.decoder.layers.0.input_layernorm.weight": torch.empty(4),
              "module.decoder.layers.0.mlp.linear_fc1.weight": torch.empty(4, 4),
@@ -89,10 +96,9 @@ def test_param_groups_follow_exclude_and_scale_modules():
 
 
 def test_scheduler_warmup_fraction_cosine_and_lr_mult():
-    args = parse_args(TINY + ["--train-iters", "100", "--lr-warmup-fraction", "0.1", "--lr", "1e-3",
-                              "--min-lr", "1e-4", "--lr-decay-style", "cosine"])
-    args.global_batch_size = 8
-    assert warmup_samples(args) == 80
+    config = run_config(["--train-iters", "100", "--lr-warmup-fraction", "0.1", "--lr", "1e-3", "--min-lr", "1e-4",
+                         "--lr-decay-style", "cosine", "--global-batch-size", "8"])
+    assert warmup_samples(config.optimizer, config.training) == 80
     optimizer = SimpleNamespace(param_groups=[{"lr_mult": 1.0, "wd_mult": 1.0}, {"lr_mult": 0.5, "wd_mult": 0.0}])
     scheduler = ScaledParamScheduler(optimizer, init_lr=0.0, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=80,
                                      lr_decay_steps=800, lr_decay_style="cosine", start_wd=0.1, end_wd=0.1,

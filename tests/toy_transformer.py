@@ -54,7 +54,7 @@ class ToyTransformer(nn.Module):
 
 def keyed_full_value(seed: int):
     """Full value of each toy parameter keyed by (seed, name): biases 0, other 1-D weights 1,
-    matrices N(0, 0.02). For mm_train.param_init.init_parameters_."""
+    matrices N(0, 0.02). For mm_train.model.init.init_parameters_."""
 
     def full_value(name: str, shape: torch.Size) -> torch.Tensor:
         if name.endswith("bias"):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS = re.compile(r"\| lm loss: ([0-9.E+\-]+) \|")
@@ -20,13 +21,6 @@ TINY = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64
         "--normalization RMSNorm --swiglu --position-embedding-type rope --disable-bias-linear "
         "--hidden-dropout 0 --attention-dropout 0 --make-vocab-size-divisible-by 256 --log-interval 1 "
         "--num-workers 0").split()
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_train(args: list[str], nproc: int = 1, timeout: float = 300, env: dict | None = None):

@@ -7,14 +7,11 @@ ranks' micro-batches in rank order gives the single-rank global batch, for any d
 
 from __future__ import annotations
 
-import argparse
-import math
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from mm_train.data.arguments import parse_data_path, parse_split
 from mm_train.data.documents import (
     ConcatenatedDocuments,
     IndexedDocuments,
@@ -23,6 +20,7 @@ from mm_train.data.documents import (
     text_file_documents,
 )
 from mm_train.data.samples import BlendedStream, DocumentStream, MockStream, PackedStream
+from mm_train.features.data import DataConfig
 
 TRAIN, VALID = 0, 1
 
@@ -31,7 +29,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     """Yields this rank's micro-batches as lists of (sample number, padded length), forever.
 
     Starts at global batch ``consumed_samples // global_batch_size``. The padded length is
-    ``seq_length``, or with ``variable_lengths`` the longest sample of the global batch minus one,
+    ``seq_length`` or, with ``variable_lengths``, the longest sample of the global batch minus one,
     rounded up to ``pad_multiple``.
     """
 
@@ -52,9 +50,9 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         self._pad_multiple = pad_multiple
 
     def _padded_length(self, first: int) -> int:
-        if not self._variable_lengths:
-            return self._seq_length
-        longest = max(self._stream.length(first + i) for i in range(self._global_batch_size)) - 1
+        longest = self._seq_length
+        if self._variable_lengths:
+            longest = max(self._stream.length(first + i) for i in range(self._global_batch_size)) - 1
         return -(-longest // self._pad_multiple) * self._pad_multiple
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
@@ -102,52 +100,51 @@ class SampleDataset(torch.utils.data.Dataset):
         }
 
 
-def _split_streams(documents, args: argparse.Namespace, dataset_id: int) -> list:
+def _split_streams(documents, config: DataConfig, dataset_id: int) -> list:
     """Train and valid streams of one document collection; None where the split has nothing to sample."""
-    ranges = split_ranges(len(documents.lengths), parse_split(args.split))
-    kind = DocumentStream if args.variable_seq_lengths else PackedStream
-    shortest = 2 if args.variable_seq_lengths else 1
+    ranges = split_ranges(len(documents.lengths), config.split)
+    kind = DocumentStream if config.variable_seq_lengths else PackedStream
+    shortest = 2 if config.variable_seq_lengths else 1
     streams = []
     for split in (TRAIN, VALID):
         document_ids = np.arange(*ranges[split])
         usable = bool(np.any(documents.lengths[document_ids] >= shortest))
-        streams.append(kind(documents, document_ids, args.seq_length, args.seed, (dataset_id, split))
+        streams.append(kind(documents, document_ids, config.seq_length, config.seed, (dataset_id, split))
                        if usable else None)
     return streams
 
 
-def _collections(args: argparse.Namespace, tokenizer) -> tuple[list, list[float] | None, str]:
+def _collections(config: DataConfig, tokenizer) -> tuple[list, tuple[float, ...] | None, str]:
     """Document collections to blend, their weights (None: one collection), and a name for messages."""
-    if not args.data_path:
+    if not config.data_paths:
         return [text_file_documents(default_corpus_path(), tokenizer)], None, "the default corpus"
-    prefixes, weights = parse_data_path(args.data_path)
-    parts = [IndexedDocuments(prefix) for prefix in prefixes]
-    if weights is None:
+    parts = [IndexedDocuments(prefix) for prefix in config.data_paths]
+    if config.data_weights is None:
         return [ConcatenatedDocuments(parts) if len(parts) > 1 else parts[0]], None, "--data-path"
-    return parts, weights, "--data-path"
+    return parts, config.data_weights, "--data-path"
 
 
-def build_sample_streams(args: argparse.Namespace, tokenizer) -> tuple[object, object | None, str]:
+def build_sample_streams(config: DataConfig, tokenizer) -> tuple[object, object | None, str]:
     """Train stream, valid stream (None when the valid split is empty) and a name of the data source."""
-    if args.mock_data:
-        if args.data_path:
-            raise ValueError("--mock-data and --data-path exclude each other")
-        train, valid = (MockStream(tokenizer.vocab_size, args.seq_length, args.variable_seq_lengths, args.seed,
+    if config.mock_data:
+        train, valid = (MockStream(tokenizer.vocab_size, config.seq_length, config.variable_seq_lengths, config.seed,
                                    (0, split)) for split in (TRAIN, VALID))
         return train, valid, "--mock-data"
-    collections, weights, source = _collections(args, tokenizer)
-    per_collection = [_split_streams(documents, args, dataset_id) for dataset_id, documents in enumerate(collections)]
+    collections, weights, source = _collections(config, tokenizer)
+    per_collection = [_split_streams(documents, config, dataset_id)
+                      for dataset_id, documents in enumerate(collections)]
     if weights is None:
         train, valid = per_collection[0]
     else:
         train, valid = (_blend([streams[split] for streams in per_collection], weights) for split in (TRAIN, VALID))
     if train is None:
-        unit = "document of at least 2 tokens" if args.variable_seq_lengths else "token"
-        raise ValueError(f"the train split of {source} (--split {args.split}) holds no {unit}")
+        unit = "document of at least 2 tokens" if config.variable_seq_lengths else "token"
+        split = ",".join(f"{fraction:g}" for fraction in config.split)
+        raise ValueError(f"the train split of {source} (--split fractions {split}) holds no {unit}")
     return train, valid, source
 
 
-def _blend(streams: list, weights: list[float]):
+def _blend(streams: list, weights: tuple[float, ...]):
     """Blend of the streams that exist, with their weights; None when none has data."""
     kept = [(stream, weight) for stream, weight in zip(streams, weights, strict=True) if stream is not None and weight > 0]
     if not kept:
@@ -155,64 +152,52 @@ def _blend(streams: list, weights: list[float]):
     return BlendedStream([stream for stream, _ in kept], [weight for _, weight in kept])
 
 
-def _pad_multiple(args: argparse.Namespace) -> int:
-    """Multiple that padded lengths keep: TP size with sequence parallel, 2 x CP size with context parallel."""
-    multiple = 1
-    if getattr(args, "sequence_parallel", False):
-        multiple = math.lcm(multiple, getattr(args, "tensor_model_parallel_size", 1))
-    context_parallel = getattr(args, "context_parallel_size", 1)
-    if context_parallel > 1:
-        multiple = math.lcm(multiple, 2 * context_parallel)
-    return multiple
-
-
-def _check_args(args: argparse.Namespace, dp_rank: int, dp_size: int) -> None:
-    if args.seq_length < 1:
-        raise ValueError(f"--seq-length must be positive, got {args.seq_length}")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be non-negative, got {args.seed}")
-    if args.num_workers < 0:
-        raise ValueError(f"--num-workers must be non-negative, got {args.num_workers}")
+def _check_config(config: DataConfig, dp_rank: int, dp_size: int) -> None:
+    if config.seq_length < 1:
+        raise ValueError(f"--seq-length must be positive, got {config.seq_length}")
+    if config.seed < 0:
+        raise ValueError(f"--seed must be non-negative, got {config.seed}")
+    if config.num_workers < 0:
+        raise ValueError(f"--num-workers must be non-negative, got {config.num_workers}")
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
-    if args.micro_batch_size < 1 or args.global_batch_size % (args.micro_batch_size * dp_size):
-        raise ValueError(f"--global-batch-size {args.global_batch_size} must be a multiple of "
-                         f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp_size}")
+    if config.micro_batch_size < 1 or config.global_batch_size % (config.micro_batch_size * dp_size):
+        raise ValueError(f"--global-batch-size {config.global_batch_size} must be a multiple of "
+                         f"--micro-batch-size {config.micro_batch_size} x data-parallel size {dp_size}")
 
 
-def _iterate(stream, source: str, tokenizer, args: argparse.Namespace, consumed: int, dp_rank: int,
+def _iterate(stream, source: str, tokenizer, config: DataConfig, consumed: int, dp_rank: int,
              dp_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    sampler = GlobalBatchSampler(stream, consumed, args.seq_length, args.micro_batch_size, args.global_batch_size,
-                                 dp_rank, dp_size, args.variable_seq_lengths, _pad_multiple(args))
+    sampler = GlobalBatchSampler(stream, consumed, config.seq_length, config.micro_batch_size,
+                                 config.global_batch_size, dp_rank, dp_size, config.variable_seq_lengths,
+                                 config.pad_multiple)
     dataset = SampleDataset(stream, tokenizer.pad, tokenizer.vocab_size, source)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                                         persistent_workers=args.num_workers > 0)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
+                                         persistent_workers=config.num_workers > 0)
     return iter(loader)
 
 
-def consumed_valid_samples(args: argparse.Namespace, consumed_train_samples: int) -> int:
+def consumed_valid_samples(config: DataConfig, consumed_train_samples: int) -> int:
     """Valid samples an uninterrupted run has evaluated after ``consumed_train_samples`` train samples."""
-    eval_interval = getattr(args, "eval_interval", None)
-    if not eval_interval:
-        return 0
-    iteration = consumed_train_samples // args.global_batch_size
-    return (iteration // eval_interval) * getattr(args, "eval_iters", 0) * args.global_batch_size
+    iteration = consumed_train_samples // config.global_batch_size
+    return (iteration // config.eval_interval) * config.eval_iters * config.global_batch_size
 
 
-def build_data_iterators(args: argparse.Namespace, tokenizer, consumed_train_samples: int, dp_rank: int,
+def build_data_iterators(config: DataConfig, tokenizer, consumed_train_samples: int, dp_rank: int,
                          dp_size: int) -> tuple[Iterator[dict[str, torch.Tensor]], Iterator[dict[str, torch.Tensor]] | None]:
     """Train and valid iterators over micro-batches of data-parallel rank ``dp_rank`` of ``dp_size``.
 
     Each item: ``tokens`` int64 [mbs, s], ``labels`` int64 [mbs, s] (tokens shifted by one),
     ``loss_mask`` float32 [mbs, s] (0 on padding), ``position_ids`` int64 [mbs, s]; s is
-    ``args.seq_length``, or with --variable-seq-lengths the longest sample of the global batch.
-    The valid iterator is None when the valid split is empty or ``args.eval_iters`` is 0; it resumes
-    where an uninterrupted run's evaluations (every ``args.eval_interval`` iterations) would be.
+    ``config.seq_length`` or, with --variable-seq-lengths, the longest sample of the global batch,
+    rounded up to ``config.pad_multiple``. The valid iterator is None when the valid split is empty or
+    ``config.eval_iters`` is 0; it resumes where an uninterrupted run's evaluations (every
+    ``config.eval_interval`` iterations) would be.
     """
-    _check_args(args, dp_rank, dp_size)
-    train, valid, source = build_sample_streams(args, tokenizer)
-    train_iterator = _iterate(train, source, tokenizer, args, consumed_train_samples, dp_rank, dp_size)
-    if valid is None or getattr(args, "eval_iters", 0) == 0:
+    _check_config(config, dp_rank, dp_size)
+    train, valid, source = build_sample_streams(config, tokenizer)
+    train_iterator = _iterate(train, source, tokenizer, config, consumed_train_samples, dp_rank, dp_size)
+    if valid is None or config.eval_iters == 0:
         return train_iterator, None
-    valid_start = consumed_valid_samples(args, consumed_train_samples)
-    return train_iterator, _iterate(valid, source, tokenizer, args, valid_start, dp_rank, dp_size)
+    valid_start = consumed_valid_samples(config, consumed_train_samples)
+    return train_iterator, _iterate(valid, source, tokenizer, config, valid_start, dp_rank, dp_size)

@@ -68,9 +68,9 @@ def _encode(tokenizer, json_keys: list[str], append_eod: bool, path: str, number
     return documents
 
 
-def _init_worker(args: argparse.Namespace) -> None:
+def _init_worker(tokenizer_type: str, tokenizer_model: str | None, vocab_size: int | None) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = build_tokenizer(args)
+    _worker_tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size)
 
 
 def _encode_in_worker(job: tuple[list[str], bool, str, tuple[int, str]]) -> list[np.ndarray]:
@@ -83,12 +83,14 @@ def output_prefixes(output_prefix: str, json_keys: list[str]) -> list[str]:
 
 
 def preprocess(args: argparse.Namespace) -> list[tuple[str, int, int]]:
-    """Writes the indexed datasets; returns (prefix, documents, tokens) per key."""
+    """Writes the indexed datasets for the parsed mm-preprocess command line; returns (prefix,
+    documents, tokens) per key."""
     if not os.path.isfile(args.input):
         raise ValueError(f"--input {args.input} is not a file")
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
-    tokenizer = build_tokenizer(args)
+    tokenizer_args = (args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+    tokenizer = build_tokenizer(*tokenizer_args)
     module = indexed_dataset_module()
     dtype = module.DType.optimal_dtype(tokenizer.vocab_size)
     prefixes = output_prefixes(args.output_prefix, args.json_keys)
@@ -102,7 +104,7 @@ def preprocess(args: argparse.Namespace) -> list[tuple[str, int, int]]:
             encoded = (_encode(tokenizer, *job) for job in jobs)
             _write(encoded, builders, documents, tokens)
         else:
-            with multiprocessing.Pool(args.workers, initializer=_init_worker, initargs=(args,)) as pool:
+            with multiprocessing.Pool(args.workers, initializer=_init_worker, initargs=tokenizer_args) as pool:
                 _write(pool.imap(_encode_in_worker, jobs, chunksize=64), builders, documents, tokens)
         for builder, prefix in zip(builders, prefixes, strict=True):
             builder.finalize(module.get_idx_path(prefix))

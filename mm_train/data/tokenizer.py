@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-TOKENIZER_TYPES = ("ByteTokenizer", "HuggingFaceTokenizer")
+from mm_train.features.data import TOKENIZER_TYPES
 
 
 def _checked_vocab_size(own_size: int, requested: int | None, tokenizer_type: str) -> int:
@@ -74,12 +73,11 @@ class HuggingFaceTokenizer:
         return self._tokenizer.decode([int(i) for i in ids])
 
 
-def build_tokenizer(args: argparse.Namespace) -> ByteTokenizer | HuggingFaceTokenizer:
-    """The tokenizer named by ``args.tokenizer_type`` (with ``args.tokenizer_model``, ``args.vocab_size``)."""
-    tokenizer_type = getattr(args, "tokenizer_type", "ByteTokenizer")
-    vocab_size = getattr(args, "vocab_size", None)
+def build_tokenizer(tokenizer_type: str = "ByteTokenizer", tokenizer_model: str | None = None,
+                    vocab_size: int | None = None) -> ByteTokenizer | HuggingFaceTokenizer:
+    """The tokenizer of --tokenizer-type (with --tokenizer-model, a local directory, and --vocab-size)."""
     if tokenizer_type == "ByteTokenizer":
         return ByteTokenizer(vocab_size)
     if tokenizer_type == "HuggingFaceTokenizer":
-        return HuggingFaceTokenizer(getattr(args, "tokenizer_model", None), vocab_size)
+        return HuggingFaceTokenizer(tokenizer_model, vocab_size)
     raise ValueError(f"--tokenizer-type must be one of {', '.join(TOKENIZER_TYPES)}, got {tokenizer_type!r}")

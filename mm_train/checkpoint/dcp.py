@@ -12,9 +12,8 @@ Layout of ``<dir>``::
 Model and optimizer state come from torch.distributed.checkpoint.state_dict, keyed by global
 parameter names, so a checkpoint written by FSDP2 at one world size loads into another world
 size or into an unsharded model (DCP reshards). RNG states are per rank and only load at the
-world size they were saved at. A save is atomic: everything goes to ``iter_N.tmp``, all ranks
-meet at a barrier, rank 0 renames it to ``iter_N`` and only then rewrites the marker. Files
-are read with ``torch.load(weights_only=True)``.
+world size they were saved at. A save is atomic (:func:`mm_train.checkpoint.atomic.save_atomically`).
+Files are read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -34,17 +32,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from mm_train.checkpointing import (
-    CheckpointError,
+from mm_train.checkpoint.atomic import (
     all_ranks_ok,
-    barrier,
     iteration_dir,
     latest_iteration,
-    publish,
-    rng_state,
-    set_rng_state,
-    start_staging,
+    rank,
+    save_atomically,
+    world_size,
 )
+from mm_train.checkpoint.state import rng_state, set_rng_state
+from mm_train.errors import CheckpointError
 
 COMMON_FILENAME = "common.pt"
 DCP_METADATA = ".metadata"
@@ -60,11 +57,6 @@ class LoadedCheckpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _rank_world() -> tuple[int, int]:
-    distributed = dist.is_available() and dist.is_initialized()
-    return (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-
-
 def save_dcp_checkpoint(checkpoint_dir: str | Path, iteration: int, model: nn.Module,
                         optimizer: torch.optim.Optimizer | None, *, scheduler: Any = None,
                         consumed_samples: int = 0, save_optim: bool = True, save_rng: bool = True,
@@ -77,31 +69,28 @@ def save_dcp_checkpoint(checkpoint_dir: str | Path, iteration: int, model: nn.Mo
     ``extra`` is a small dict of tensors/numbers/strings returned as ``LoadedCheckpoint.extra``.
     Returns the final iteration directory.
     """
-    rank, world_size = _rank_world()
-    final, tmp = start_staging(checkpoint_dir, iteration)
-    if save_optim and optimizer is not None:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
-    else:
-        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=tmp)
-    if save_rng:
-        torch.save(rng_state(rng_tracker), tmp / f"rng_rank_{rank}.pt")
-    if rank == 0:
-        torch.save({
-            "format": FORMAT,
-            "iteration": iteration,
-            "consumed_samples": consumed_samples,
-            "world_size": world_size,
-            "has_optimizer": save_optim and optimizer is not None,
-            "has_rng": save_rng,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "extra": extra or {},
-        }, tmp / COMMON_FILENAME)
-    barrier()
-    if rank == 0:
-        publish(checkpoint_dir, tmp, final, iteration)
-    barrier()
-    return final
+
+    def write(staging: Path) -> None:
+        if save_optim and optimizer is not None:
+            model_state, optim_state = get_state_dict(model, optimizer)
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=staging)
+        else:
+            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=staging)
+        if save_rng:
+            torch.save(rng_state(rng_tracker), staging / f"rng_rank_{rank()}.pt")
+        if rank() == 0:
+            torch.save({
+                "format": FORMAT,
+                "iteration": iteration,
+                "consumed_samples": consumed_samples,
+                "world_size": world_size(),
+                "has_optimizer": save_optim and optimizer is not None,
+                "has_rng": save_rng,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "extra": extra or {},
+            }, staging / COMMON_FILENAME)
+
+    return save_atomically(checkpoint_dir, iteration, write)
 
 
 def _read_common(path: Path) -> dict[str, Any]:
@@ -139,21 +128,21 @@ def load_dcp_checkpoint(checkpoint_dir: str | Path, model: nn.Module, optimizer:
             return LoadedCheckpoint(0, 0)
     path = iteration_dir(checkpoint_dir, iteration)
     common = _read_common(path)
-    rank, world_size = _rank_world()
+    this_rank, size = rank(), world_size()
     load_optim = load_optim and optimizer is not None
     if load_optim and not common["has_optimizer"]:
         raise CheckpointError(f"{path}: saved without optimizer state; load it with --no-load-optim")
     if load_rng and not common["has_rng"]:
         raise CheckpointError(f"{path}: saved without RNG state; load it with --no-load-rng")
-    if load_rng and common["world_size"] != world_size:
+    if load_rng and common["world_size"] != size:
         raise CheckpointError(f"{path}: RNG states were saved at world size {common['world_size']}, "
-                              f"loading at {world_size}; load it with --no-load-rng")
+                              f"loading at {size}; load it with --no-load-rng")
     rng, error = None, None
     try:
         if load_rng:
-            rng = torch.load(path / f"rng_rank_{rank}.pt", weights_only=True)
+            rng = torch.load(path / f"rng_rank_{this_rank}.pt", weights_only=True)
     except Exception as failure:
-        error = f"{path / f'rng_rank_{rank}.pt'}: unreadable ({type(failure).__name__})"
+        error = f"{path / f'rng_rank_{this_rank}.pt'}: unreadable ({type(failure).__name__})"
     all_ranks_ok(error)
     try:
         if load_optim:

@@ -1,5 +1,6 @@
-"""Context parallelism in the trainer: flags, their checks, the process groups, and megatron-core's
-attention, rotary embedding, micro-batches and loss made to work on a sequence sharded over CP ranks.
+"""Context parallelism: flags, their checks, :class:`ContextParallelConfig`, the sequence padding
+rule (:func:`sequence_multiple`), the process groups, and megatron-core's attention, rotary embedding,
+micro-batches and loss made to work on a sequence sharded over CP ranks.
 
 With ``--context-parallel-size`` C > 1 every micro-batch is cut along the sequence in the layout of
 ``--context-parallel-algo`` (:mod:`mm_kernels.parallel.layout`); each CP rank runs the model on its
@@ -30,22 +31,34 @@ from torch import Tensor
 from mm_kernels.parallel import (
     CP_ALGOS,
     HYBRID,
-    RING,
     ULYSSES,
     CPGroups,
     cp_attention,
     new_cp_groups,
     required_multiple,
     shard_for_rank,
+    ulysses_degree_of,
 )
 from mm_kernels.parallel.ulysses import check_ulysses_heads
-from mm_train.environment import ConfigError
+from mm_train.errors import ConfigError
 from mm_train.loss import micro_batch_loss
 
 ATTENTION_MASK_TYPES = ("causal", "general")
 
 
-def add_context_parallel_args(parser: argparse.ArgumentParser) -> None:
+@dataclasses.dataclass(frozen=True)
+class ContextParallelConfig:
+    """Context parallelism of the run: ``size`` 1 means off. ``ulysses_degree`` is resolved: the CP
+    size for Ulysses, 1 for the ring, --ulysses-degree-in-cp for hybrid."""
+
+    size: int = 1
+    algo: str = ULYSSES
+    ulysses_degree: int = 1
+    attention_mask_type: str = "causal"
+    use_cp_send_recv_overlap: bool = False
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds --context-parallel-size, --context-parallel-algo, --ulysses-degree-in-cp,
     --attention-mask-type (alias --cp-attention-mask-type) and --use-cp-send-recv-overlap."""
     group = parser.add_argument_group("context parallel")
@@ -62,32 +75,30 @@ def add_context_parallel_args(parser: argparse.ArgumentParser) -> None:
                        help="ring attention sends and receives on two communicators")
 
 
-def ulysses_degree(args) -> int:
-    """The Ulysses degree of the configured algorithm: C for Ulysses, 1 for the ring, the flag for hybrid."""
-    return {ULYSSES: args.context_parallel_size, RING: 1}.get(args.context_parallel_algo, args.ulysses_degree_in_cp)
-
-
-def sequence_multiple(args) -> int:
-    """Every (padded) sequence length must be a multiple of this: the algo's layout multiple, and
+def sequence_multiple(cp: ContextParallelConfig, tensor_model_parallel_size: int, sequence_parallel: bool) -> int:
+    """The one padding rule: every (padded) sequence length is a multiple of this. The CP layout's
+    multiple (:func:`mm_kernels.parallel.required_multiple`: C for Ulysses, 2C for the ring, ...), and
     C x TP under sequence parallelism (each CP piece is split again over TP)."""
-    cp = args.context_parallel_size
-    multiple = required_multiple(args.context_parallel_algo, cp, ulysses_degree(args)) if cp > 1 else 1
-    if args.sequence_parallel:
-        multiple = math.lcm(multiple, cp * args.tensor_model_parallel_size)
+    multiple = required_multiple(cp.algo, cp.size, cp.ulysses_degree) if cp.size > 1 else 1
+    if sequence_parallel:
+        multiple = math.lcm(multiple, cp.size * tensor_model_parallel_size)
     return multiple
 
 
-def _check_hybrid(args) -> None:
-    degree, cp = args.ulysses_degree_in_cp, args.context_parallel_size
-    if degree is None:
+def _ulysses_degree(args: argparse.Namespace) -> int:
+    cp, degree = args.context_parallel_size, args.ulysses_degree_in_cp
+    if cp == 1:
+        return 1
+    if args.context_parallel_algo == HYBRID and degree is None:
         raise ConfigError("--context-parallel-algo hybrid_cp_algo needs --ulysses-degree-in-cp")
-    if not 1 < degree < cp or cp % degree:
-        raise ConfigError(f"--ulysses-degree-in-cp {degree} must divide --context-parallel-size {cp} and lie "
-                          f"strictly between 1 and {cp} for hybrid_cp_algo (use ulysses_cp_algo or "
-                          "megatron_cp_algo for the pure forms)")
+    try:
+        return ulysses_degree_of(args.context_parallel_algo, cp, degree)
+    except ValueError:
+        raise ConfigError(f"--ulysses-degree-in-cp {degree} must divide --context-parallel-size {cp} for "
+                          "hybrid_cp_algo") from None
 
 
-def check_context_parallel(args) -> None:
+def check(args: argparse.Namespace) -> None:
     """MindSpeed's context-parallel checks (run after the TP/PP/CP layout check and the defaults).
 
     Raises ConfigError with one line: bad Ulysses degree, heads or sequence length the
@@ -97,9 +108,7 @@ def check_context_parallel(args) -> None:
     if cp == 1:
         return
     algo = args.context_parallel_algo
-    if algo == HYBRID:
-        _check_hybrid(args)
-    degree = ulysses_degree(args)
+    degree = _ulysses_degree(args)
     if degree > 1:
         heads, groups = args.num_attention_heads, args.num_query_groups
         if heads % (degree * tp):
@@ -109,7 +118,7 @@ def check_context_parallel(args) -> None:
             check_ulysses_heads(heads // tp, groups // tp, degree)
         except ValueError as error:
             raise ConfigError(f"{algo} with --num-query-groups {groups}: {error}") from None
-    multiple = sequence_multiple(args)
+    multiple = sequence_multiple(to_config(args), tp, args.sequence_parallel)
     if not args.variable_seq_lengths and args.seq_length % multiple:
         raise ConfigError(f"--seq-length {args.seq_length} must be a multiple of {multiple} for {algo} on "
                           f"--context-parallel-size {cp}" + (" with sequence parallel" if args.sequence_parallel
@@ -117,6 +126,13 @@ def check_context_parallel(args) -> None:
     if args.attention_dropout > 0:
         raise ConfigError(f"--attention-dropout {args.attention_dropout} must be 0 with --context-parallel-size "
                           f"{cp} (the context-parallel attention has no dropout)")
+
+
+def to_config(args: argparse.Namespace) -> ContextParallelConfig:
+    """The :class:`ContextParallelConfig` of the flags (ConfigError for a bad hybrid degree)."""
+    return ContextParallelConfig(size=args.context_parallel_size, algo=args.context_parallel_algo,
+                                 ulysses_degree=_ulysses_degree(args), attention_mask_type=args.attention_mask_type,
+                                 use_cp_send_recv_overlap=args.use_cp_send_recv_overlap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,16 +158,15 @@ def all_cp_rank_lists() -> list[list[int]]:
     return sorted({tuple(ranks) for ranks in gathered})
 
 
-def set_up_context_parallel(args, timeout: timedelta) -> ContextParallel | None:
+def set_up_context_parallel(config: ContextParallelConfig, timeout: timedelta) -> ContextParallel | None:
     """Creates the CP attention groups over megatron's CP groups on every rank (a collective);
-    None when --context-parallel-size is 1."""
-    if args.context_parallel_size == 1:
+    None when the CP size is 1."""
+    if config.size == 1:
         return None
-    degree = ulysses_degree(args)
-    groups = new_cp_groups([list(ranks) for ranks in all_cp_rank_lists()], args.context_parallel_algo, degree,
-                           use_cp_send_recv_overlap=args.use_cp_send_recv_overlap, timeout=timeout)
-    return ContextParallel(args.context_parallel_algo, dist.get_world_size(groups.cp), dist.get_rank(groups.cp),
-                           degree, groups)
+    groups = new_cp_groups([list(ranks) for ranks in all_cp_rank_lists()], config.algo, config.ulysses_degree,
+                           use_cp_send_recv_overlap=config.use_cp_send_recv_overlap, timeout=timeout)
+    return ContextParallel(config.algo, dist.get_world_size(groups.cp), dist.get_rank(groups.cp),
+                           config.ulysses_degree, groups)
 
 
 class ContextParallelAttention(MegatronModule):

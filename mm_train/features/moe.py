@@ -1,5 +1,6 @@
-"""Mixture of experts: flags, their checks, megatron-core's MoE config and local layer spec, the
-layout-independent initialisation of expert weights, and the aux-loss figures of the log line.
+"""Mixture of experts: flags, their checks, :class:`MoEConfig`, megatron-core's MoE config and local
+layer spec, the layout-independent initialisation of expert weights, and the aux-loss figures of the
+log line.
 
 Every MoE layer is megatron-core's ``MoELayer`` with the local (no Transformer Engine) spec:
 a top-k router, the allgather or alltoall token dispatcher, and ``SequentialMLP`` experts
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import re
+from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-from mm_train.environment import ConfigError
+from mm_train.errors import ConfigError
+from mm_train.features import fields_from, flag
 
 _LOCAL_EXPERT = re.compile(r"experts\.local_experts\.(\d+)\.")
 _GROUPED_WEIGHT = re.compile(r"experts\.weight([12])$")
@@ -37,7 +40,26 @@ _NEEDS_EXPERTS = (
 )
 
 
-def add_moe_args(parser: argparse.ArgumentParser) -> None:
+@dataclass(frozen=True)
+class MoEConfig:
+    """The MoE flags of a model with experts (``moe_ffn_hidden_size`` resolved to --ffn-hidden-size when
+    unset). ``moe_permute_fusion`` routes the dispatcher's permute/unpermute to mm_kernels."""
+
+    num_experts: int
+    moe_ffn_hidden_size: int
+    moe_router_topk: int
+    moe_router_load_balancing_type: str
+    moe_aux_loss_coeff: float
+    expert_model_parallel_size: int
+    moe_token_dispatcher_type: str
+    moe_permute_fusion: bool
+    moe_grouped_gemm: bool
+    moe_expert_capacity_factor: float | None
+    moe_pad_expert_input_to_capacity: bool
+    moe_token_drop_policy: str
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """MoE flags with Megatron's names and defaults (MindSpeed-MM's MOE_ARGS)."""
     group = parser.add_argument_group("mixture of experts")
     group.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer (every layer)")
@@ -59,12 +81,12 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--moe-token-drop-policy", default="probs", choices=["probs", "position"])
 
 
-def check_moe(args, tp_cp_dp_size: int) -> None:
+def check(args: argparse.Namespace, tp_cp_dp_size: int) -> None:
     """Refuses inconsistent MoE flags (ConfigError, one line). ``tp_cp_dp_size`` = world size / PP."""
     if args.num_experts is None:
         for name, unset in _NEEDS_EXPERTS:
-            if getattr(args, name) != unset:
-                raise ConfigError(f"--{name.replace('_', '-')} needs --num-experts")
+            if vars(args)[name] != unset:
+                raise ConfigError(f"{flag(name)} needs --num-experts")
         return
     experts, topk, ep = args.num_experts, args.moe_router_topk, args.expert_model_parallel_size
     if experts < 1:
@@ -102,35 +124,44 @@ def check_moe(args, tp_cp_dp_size: int) -> None:
         raise ConfigError("--variable-seq-lengths with --num-experts needs --moe-token-dispatcher-type alltoall")
 
 
-def moe_config(args) -> dict:
+def to_config(args: argparse.Namespace) -> MoEConfig | None:
+    """The :class:`MoEConfig` of the (checked) flags; None for a dense model."""
+    if args.num_experts is None:
+        return None
+    return fields_from(MoEConfig, args, moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size)
+
+
+def transformer_config_kwargs(moe: MoEConfig | None) -> dict:
     """TransformerConfig keyword arguments of the MoE flags (empty for a dense model).
 
     megatron's own ``moe_permute_fusion`` stays False: our flag swaps the permute functions
     instead (see :func:`mm_kernels.integrations.megatron.apply_fused_kernels`).
     """
-    if args.num_experts is None:
+    if moe is None:
         return {}
     return {
-        "num_moe_experts": args.num_experts,
-        "moe_ffn_hidden_size": args.moe_ffn_hidden_size or args.ffn_hidden_size,
-        "moe_router_topk": args.moe_router_topk,
-        "moe_router_load_balancing_type": args.moe_router_load_balancing_type,
-        "moe_aux_loss_coeff": args.moe_aux_loss_coeff,
-        "expert_model_parallel_size": args.expert_model_parallel_size,
+        "num_moe_experts": moe.num_experts,
+        "moe_ffn_hidden_size": moe.moe_ffn_hidden_size,
+        "moe_router_topk": moe.moe_router_topk,
+        "moe_router_load_balancing_type": moe.moe_router_load_balancing_type,
+        "moe_aux_loss_coeff": moe.moe_aux_loss_coeff,
+        "expert_model_parallel_size": moe.expert_model_parallel_size,
         "expert_tensor_parallel_size": 1,
-        "moe_token_dispatcher_type": args.moe_token_dispatcher_type,
-        "moe_grouped_gemm": args.moe_grouped_gemm,
-        "moe_expert_capacity_factor": args.moe_expert_capacity_factor,
-        "moe_pad_expert_input_to_capacity": args.moe_pad_expert_input_to_capacity,
-        "moe_token_drop_policy": args.moe_token_drop_policy,
+        "moe_token_dispatcher_type": moe.moe_token_dispatcher_type,
+        "moe_grouped_gemm": moe.moe_grouped_gemm,
+        "moe_expert_capacity_factor": moe.moe_expert_capacity_factor,
+        "moe_pad_expert_input_to_capacity": moe.moe_pad_expert_input_to_capacity,
+        "moe_token_drop_policy": moe.moe_token_drop_policy,
         "moe_permute_fusion": False,
     }
 
 
-def layer_spec(args):
-    """megatron-core's local GPT layer spec, with an MoE MLP when --num-experts is set."""
-    return get_gpt_layer_local_spec(num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm,
-                                    normalization=args.normalization)
+def layer_spec(moe: MoEConfig | None, normalization: str):
+    """megatron-core's local GPT layer spec, with an MoE MLP when the model has experts."""
+    if moe is None:
+        return get_gpt_layer_local_spec(normalization=normalization)
+    return get_gpt_layer_local_spec(num_experts=moe.num_experts, moe_grouped_gemm=moe.moe_grouped_gemm,
+                                    normalization=normalization)
 
 
 def is_expert_parameter(name: str) -> bool:
@@ -166,18 +197,19 @@ def expert_full_value(name: str, param: torch.nn.Parameter, num_local_experts: i
     return torch.cat(blocks).view(param.shape)
 
 
-def aux_loss_figures(args, num_micro_batches: int) -> dict[str, float]:
+def aux_loss_figures(moe: MoEConfig | None, num_layers: int, num_micro_batches: int) -> dict[str, float]:
     """The MoE aux losses of the last iteration, as Megatron logs them (``load_balancing_loss``:
     the loss before --moe-aux-loss-coeff, mean over MoE layers and micro-batches, reduced over ranks);
     resets the tracker. Every rank must call it (it all-reduces). Empty without MoE or aux loss.
     """
-    if args.num_experts is None or args.moe_aux_loss_coeff == 0:
+    if moe is None or moe.moe_aux_loss_coeff == 0:
         return {}
     from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
     names = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss"}
-    tracked = [names[args.moe_router_load_balancing_type]] if args.moe_router_load_balancing_type in names else []
+    balancing = moe.moe_router_load_balancing_type
+    tracked = [names[balancing]] if balancing in names else []
     totals: dict[str, torch.Tensor] = {}
     track_moe_metrics(loss_scale=1.0 / num_micro_batches, iteration=0, total_loss_dict=totals,
-                      force_initialize=True, track_names=tracked, num_layers=args.num_layers)
+                      force_initialize=True, track_names=tracked, num_layers=num_layers)
     return {name: float(value) for name, value in totals.items()}

@@ -1,13 +1,45 @@
-"""Data and tokenizer flags of mm_train, and parsing of the values that need more than argparse."""
+"""Data and tokenizer: the flags, their parsing and checks, and :class:`DataConfig`, everything the data
+pipeline (:mod:`mm_train.data`) reads."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
-from mm_train.data.tokenizer import TOKENIZER_TYPES
+from mm_train.errors import ConfigError
+
+TOKENIZER_TYPES = ("ByteTokenizer", "HuggingFaceTokenizer")
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
+@dataclass(frozen=True)
+class DataConfig:
+    """What the data pipeline reads: the data flags (parsed), and the model/training values it needs.
+
+    data_paths: indexed-dataset prefixes (empty: the corpus that ships with the package);
+    data_weights: their blend weights, or None to concatenate them; split: normalised
+    (train, valid, test) fractions of every dataset's documents; pad_multiple: what padded lengths
+    keep (:func:`mm_train.features.context_parallel.sequence_multiple`).
+    """
+
+    data_paths: tuple[str, ...]
+    data_weights: tuple[float, ...] | None
+    split: tuple[float, float, float]
+    tokenizer_type: str
+    tokenizer_model: str | None
+    vocab_size: int | None
+    num_workers: int
+    variable_seq_lengths: bool
+    mock_data: bool
+    seq_length: int
+    seed: int
+    micro_batch_size: int
+    global_batch_size: int
+    eval_interval: int
+    eval_iters: int
+    pad_multiple: int = 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds --data-path, --split, --tokenizer-type, --tokenizer-model, --vocab-size, --num-workers,
     --variable-seq-lengths and --mock-data to ``parser``."""
     group = parser.add_argument_group("data")
@@ -27,7 +59,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mock-data", action="store_true", help="Random tokens instead of a dataset.")
 
 
-def parse_split(split: str) -> tuple[float, float, float]:
+def _parse_split(split: str) -> tuple[float, float, float]:
     """Normalised (train, valid, test) fractions of ``split`` ("969,30,1", "98,2" or "1")."""
     try:
         weights = [float(part) for part in split.replace("/", ",").split(",")]
@@ -40,7 +72,7 @@ def parse_split(split: str) -> tuple[float, float, float]:
     return weights[0] / total, weights[1] / total, weights[2] / total
 
 
-def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None]:
+def _parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None]:
     """Prefixes and weights of --data-path: 'P1 P2' gives weights None, 'W1 P1 W2 P2' gives [W1, W2]."""
     if not data_path:
         raise ValueError("--data-path needs at least one prefix")
@@ -62,3 +94,28 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
     if any(w is None or w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"--data-path weights must be non-negative numbers with a positive sum: {' '.join(data_path)}")
     return prefixes, weights
+
+
+def check(args: argparse.Namespace) -> None:
+    """--split and --data-path that do not parse, and --mock-data with --data-path (ConfigError, one line)."""
+    try:
+        _parse_split(args.split)
+        if args.data_path:
+            _parse_data_path(args.data_path)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if args.mock_data and args.data_path:
+        raise ConfigError("--mock-data and --data-path exclude each other")
+
+
+def to_config(args: argparse.Namespace, pad_multiple: int) -> DataConfig:
+    """The :class:`DataConfig` of the (checked) data flags and the sequence, batch, seed and evaluation
+    flags; ``pad_multiple`` from the sequence padding rule."""
+    prefixes, weights = _parse_data_path(args.data_path) if args.data_path else ([], None)
+    return DataConfig(
+        data_paths=tuple(prefixes), data_weights=None if weights is None else tuple(weights),
+        split=_parse_split(args.split), tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
+        vocab_size=args.vocab_size, num_workers=args.num_workers, variable_seq_lengths=args.variable_seq_lengths,
+        mock_data=args.mock_data, seq_length=args.seq_length, seed=args.seed,
+        micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+        eval_interval=args.eval_interval, eval_iters=args.eval_iters, pad_multiple=pad_multiple)

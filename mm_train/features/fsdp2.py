@@ -1,4 +1,7 @@
-"""FSDP2 (torch.distributed.fsdp.fully_shard) for ``--use-torch-fsdp2 --fsdp2-config-path cfg.yaml``.
+"""FSDP2 (torch.distributed.fsdp.fully_shard) for ``--use-torch-fsdp2 --fsdp2-config-path cfg.yaml``:
+the flags and their checks, the YAML settings (:class:`FSDP2Config`), the sharding of a model per
+those settings (:func:`apply_fsdp2`), and the meta-device build (``--init-model-with-meta-device``).
+:mod:`mm_train.engines.fsdp2` trains with it.
 
 The YAML file holds the keys of :class:`FSDP2Config`. ``sub_modules_to_wrap`` and
 ``recompute_modules`` are lists of patterns; a pattern selects a module (never the root) when it
@@ -15,8 +18,10 @@ A pattern that selects nothing is an error, so typos do not silently leave a mod
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +32,11 @@ from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from mm_train.errors import ConfigError
+from mm_train.features import flag
+from mm_train.launch import device_type
+from mm_train.model.init import FullValue, materialize_meta_model
 
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -179,21 +189,16 @@ def select_modules(model: nn.Module, patterns: Sequence[str], key: str) -> list[
     return selected
 
 
-def _device_type() -> str:
-    accelerator = torch.accelerator.current_accelerator()
-    return accelerator.type if accelerator is not None else "cpu"
-
-
-def fsdp2_device_mesh(config: FSDP2Config, world_size: int, device_type: str | None = None) -> DeviceMesh:
+def fsdp2_device_mesh(config: FSDP2Config, world_size: int, device: str | None = None) -> DeviceMesh:
     """The mesh FSDP2 shards over: 1-D ("dp_shard") or, when sharding_size < world size,
     2-D ("dp_replicate", "dp_shard") for HSDP. Needs an initialised process group."""
     shard = world_size if config.sharding_size == "auto" else config.sharding_size
     if world_size % shard:
         raise FSDP2ConfigError(f"key 'sharding_size': {shard} does not divide the world size {world_size}")
-    device_type = device_type or _device_type()
+    kind = device or device_type()
     if shard == world_size:
-        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp_shard",))
-    return init_device_mesh(device_type, (world_size // shard, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+        return init_device_mesh(kind, (world_size,), mesh_dim_names=("dp_shard",))
+    return init_device_mesh(kind, (world_size // shard, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
 
 
 def _set_prefetch(units: list[nn.Module], forward: int, backward: int) -> None:
@@ -211,7 +216,7 @@ def apply_fsdp2(model: nn.Module, config: FSDP2Config, mesh: DeviceMesh | None =
     ``sub_modules_to_wrap`` module (innermost first) and then on the root; forward/backward
     prefetch lists over the wrapped sub-modules in forward order. ``mesh`` defaults to
     :func:`fsdp2_device_mesh` over the whole default process group. Works on a model built on
-    the meta device (then call ``to_empty`` and initialise; see mm_train.meta_init).
+    the meta device (then call ``to_empty`` and initialise; see :func:`build_fsdp2_model_on_meta`).
     Parameter names are unchanged, so names-keyed init and checkpoints see the global names.
     """
     if mesh is None:
@@ -221,7 +226,7 @@ def apply_fsdp2(model: nn.Module, config: FSDP2Config, mesh: DeviceMesh | None =
         checkpoint(module)
     offload = OffloadPolicy()
     if config.offload_to_cpu:
-        offload = CPUOffloadPolicy(pin_memory=config.pin_memory and torch.accelerator.is_available())
+        offload = CPUOffloadPolicy(pin_memory=config.pin_memory and device_type() != "cpu")
     shard_args = dict(
         mesh=mesh,
         reshard_after_forward=config.reshard_after_forward,
@@ -236,56 +241,111 @@ def apply_fsdp2(model: nn.Module, config: FSDP2Config, mesh: DeviceMesh | None =
     return model
 
 
-_PARALLEL_SIZES = (
-    ("--tensor-model-parallel-size", "tensor_model_parallel_size"),
-    ("--pipeline-model-parallel-size", "pipeline_model_parallel_size"),
-    ("--context-parallel-size", "context_parallel_size"),
-    ("--expert-model-parallel-size", "expert_model_parallel_size"),
-)
-_MEGATRON_DDP_FLAGS = (
-    ("--use-distributed-optimizer", "use_distributed_optimizer"),
-    ("--sequence-parallel", "sequence_parallel"),
-    ("--overlap-grad-reduce", "overlap_grad_reduce"),
-    ("--overlap-param-gather", "overlap_param_gather"),
-)
-_RECOMPUTE_FLAGS = (
-    ("--recompute-granularity", "recompute_granularity"),
-    ("--recompute-method", "recompute_method"),
-    ("--recompute-num-layers", "recompute_num_layers"),
-)
+def build_fsdp2_model_on_meta(build_model: Callable[[], nn.Module], config: FSDP2Config, full_value: FullValue,
+                              device: torch.device | str, mesh: DeviceMesh | None = None,
+                              init_buffers: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """Builds ``build_model()`` on the meta device (no memory), shards it with :func:`apply_fsdp2`, then
+    allocates only this rank's shards on ``device`` and sets them from the layout-independent full
+    values (:func:`mm_train.model.init.materialize_meta_model`). No rank ever holds the full model."""
+    with torch.device("meta"):
+        model = build_model()
+    apply_fsdp2(model, config, mesh)
+    return materialize_meta_model(model, device, full_value, init_buffers)
 
 
-def validate_fsdp2_args(args: object) -> None:
-    """Raises ValueError (one line, naming the flag) for flag combinations FSDP2 cannot run.
+# ---- the command line ----------------------------------------------------------------------------
 
-    ``args`` is the parsed namespace (argparse attribute names). Without ``--use-torch-fsdp2``,
-    only the flags that need it are refused. With it: ``--fsdp2-config-path`` and
-    ``--use-cpu-initialization`` are required; TP/PP/CP/EP sizes must be 1; Megatron's DDP and
-    distributed optimizer, sequence parallel and Megatron recompute must be off (the YAML's
-    recompute_modules replaces the latter); checkpoints (``--save``/``--load``) must use
-    ``--ckpt-format torch_dcp``.
+@dataclass(frozen=True)
+class FSDP2Settings:
+    """``--use-torch-fsdp2``: the YAML's sharding settings (with --bf16 applied), the file they came
+    from, and whether the model is built on the meta device."""
+
+    sharding: FSDP2Config
+    config_path: str
+    init_model_with_meta_device: bool
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds --use-torch-fsdp2, --fsdp2-config-path, --use-cpu-initialization, --init-model-with-meta-device."""
+    group = parser.add_argument_group("FSDP2")
+    group.add_argument("--use-torch-fsdp2", action="store_true",
+                       help="shard parameters, gradients and optimizer state with torch FSDP2 over all ranks")
+    group.add_argument("--fsdp2-config-path", default=None, help="FSDP2 settings (YAML)")
+    group.add_argument("--use-cpu-initialization", action="store_true",
+                       help="build and initialise the model in host memory (required by --use-torch-fsdp2)")
+    group.add_argument("--init-model-with-meta-device", action="store_true",
+                       help="build on the meta device, shard, then allocate and initialise only the shards")
+
+
+_PARALLEL_SIZES = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                   "expert_model_parallel_size")
+_MEGATRON_DDP_FLAGS = ("use_distributed_optimizer", "sequence_parallel", "overlap_grad_reduce", "overlap_param_gather")
+_RECOMPUTE_FLAGS = ("recompute_granularity", "recompute_method", "recompute_num_layers")
+
+
+def check(args: argparse.Namespace, world_size: int) -> None:
+    """Refuses the flag combinations FSDP2 cannot run (ConfigError, one line, naming the flag) and reads
+    the YAML so that its errors are reported before start-up.
+
+    Without ``--use-torch-fsdp2`` only the flags that need it are refused. With it:
+    ``--fsdp2-config-path`` and ``--use-cpu-initialization`` are required; TP/PP/CP/EP sizes must be 1;
+    Megatron's DDP and distributed optimizer, sequence parallel and Megatron recompute must be off (the
+    YAML's recompute_modules replaces the latter); checkpoints (``--save``/``--load``) use
+    ``--ckpt-format torch_dcp``; ``--fp16`` is refused (no loss scaling here).
     """
-    if not getattr(args, "use_torch_fsdp2", False):
-        for flag, attr in (("--fsdp2-config-path", "fsdp2_config_path"),
-                           ("--init-model-with-meta-device", "init_model_with_meta_device")):
-            if getattr(args, attr, None):
-                raise ValueError(f"{flag} requires --use-torch-fsdp2")
+    flags = vars(args)
+    if not args.use_torch_fsdp2:
+        for dest in ("fsdp2_config_path", "init_model_with_meta_device"):
+            if flags[dest]:
+                raise ConfigError(f"{flag(dest)} requires --use-torch-fsdp2")
         return
-    if not getattr(args, "fsdp2_config_path", None):
-        raise ValueError("--use-torch-fsdp2 requires --fsdp2-config-path")
-    if not getattr(args, "use_cpu_initialization", False):
-        raise ValueError("--use-torch-fsdp2 requires --use-cpu-initialization")
-    for flag, attr in _PARALLEL_SIZES:
-        size = getattr(args, attr, 1) or 1
-        if size > 1:
-            raise ValueError(f"--use-torch-fsdp2 needs {flag} 1, got {size}: FSDP2 shards over data-parallel ranks only")
-    for flag, attr in _MEGATRON_DDP_FLAGS:
-        if getattr(args, attr, False):
-            raise ValueError(f"--use-torch-fsdp2 cannot be combined with {flag}: FSDP2 replaces Megatron's DDP and optimizer sharding")
-    for flag, attr in _RECOMPUTE_FLAGS:
-        if getattr(args, attr, None) is not None:
-            raise ValueError(f"--use-torch-fsdp2 cannot be combined with {flag}: list the modules under recompute_modules in the FSDP2 config")
-    checkpointing = getattr(args, "save", None) or getattr(args, "load", None)
-    ckpt_format = getattr(args, "ckpt_format", None)
-    if checkpointing and ckpt_format != "torch_dcp":
-        raise ValueError(f"--use-torch-fsdp2 saves and loads with --ckpt-format torch_dcp only, got {ckpt_format}")
+    if not args.fsdp2_config_path:
+        raise ConfigError("--use-torch-fsdp2 requires --fsdp2-config-path")
+    if not args.use_cpu_initialization:
+        raise ConfigError("--use-torch-fsdp2 requires --use-cpu-initialization")
+    for dest in _PARALLEL_SIZES:
+        if flags[dest] > 1:
+            raise ConfigError(f"--use-torch-fsdp2 needs {flag(dest)} 1, got {flags[dest]}: FSDP2 shards over "
+                              "data-parallel ranks only")
+    for dest in _MEGATRON_DDP_FLAGS:
+        if flags[dest]:
+            raise ConfigError(f"--use-torch-fsdp2 cannot be combined with {flag(dest)}: FSDP2 replaces Megatron's "
+                              "DDP and optimizer sharding")
+    for dest in _RECOMPUTE_FLAGS:
+        if flags[dest] is not None:
+            raise ConfigError(f"--use-torch-fsdp2 cannot be combined with {flag(dest)}: list the modules under "
+                              "recompute_modules in the FSDP2 config")
+    if (args.save or args.load) and args.ckpt_format != "torch_dcp":
+        raise ConfigError(f"--use-torch-fsdp2 saves and loads with --ckpt-format torch_dcp only, got {args.ckpt_format}")
+    if args.fp16:
+        raise ConfigError("--use-torch-fsdp2 cannot be combined with --fp16 (no loss scaling): use --bf16")
+    sharding_config(args.fsdp2_config_path, args.bf16, world_size)
+
+
+def sharding_config(path: str, bf16: bool, world_size: int) -> FSDP2Config:
+    """The YAML at ``path`` with --bf16 applied: param_dtype bf16 (and reduce_dtype fp32 unless set) when
+    the YAML leaves param_dtype null; a YAML dtype other than bf16 conflicts. ConfigError (one line)
+    for a missing or bad file and a sharding size that does not divide ``world_size``."""
+    try:
+        config = load_fsdp2_config(path)
+    except (FSDP2ConfigError, FileNotFoundError) as error:
+        raise ConfigError(str(error)) from None
+    shard = config.sharding_size
+    if shard != "auto" and world_size % shard:
+        raise ConfigError(f"{path}: key 'sharding_size': {shard} does not divide the world size {world_size}")
+    if not bf16:
+        return config
+    if config.param_dtype is None:
+        return dataclasses.replace(config, param_dtype=torch.bfloat16, reduce_dtype=config.reduce_dtype or torch.float32)
+    if config.param_dtype != torch.bfloat16:
+        raise ConfigError(f"--bf16 conflicts with param_dtype {config.param_dtype} in {path}")
+    return config
+
+
+def to_config(args: argparse.Namespace, world_size: int) -> FSDP2Settings | None:
+    """The :class:`FSDP2Settings` of the (checked) flags; None without --use-torch-fsdp2."""
+    if not args.use_torch_fsdp2:
+        return None
+    return FSDP2Settings(sharding=sharding_config(args.fsdp2_config_path, args.bf16, world_size),
+                         config_path=args.fsdp2_config_path,
+                         init_model_with_meta_device=args.init_model_with_meta_device)

@@ -1,8 +1,10 @@
 """Patches that let megatron-core (pinned 0.16.1) run on CPU with gloo.
 
 Megatron-core hard-codes CUDA in places (device strings, the CUDA RNG tracker, dtype-name
-checks, a norm assertion). :func:`apply_cpu_adaptor` installs one small patch per failure,
-only when the process has no CUDA or NPU device. Each :class:`Patch` names the failure it
+checks, CUDA streams, CUDA-only packages). :func:`apply_cpu_adaptor` installs one small patch per
+failure, only when the process has no CUDA or NPU device (:func:`mm_train.launch.device_type`).
+What is not about the CPU goes through megatron-core's layer spec instead (the norms, see
+:mod:`mm_train.model.build`). Each :class:`Patch` names the failure it
 fixes and carries ``still_needed``, a check against the pinned megatron-core source that
 turns false when an upgrade removes the failure (tests/test_train_cpu_adaptor.py then fails,
 so the stale patch gets deleted).
@@ -11,7 +13,6 @@ so the stale patch gets deleted).
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib.util
 import inspect
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from mm_train.launch import device_type
 
 CUDA_TENSOR_TYPES = {name: name.replace("torch.", "torch.cuda.")
                      for name in ("torch.FloatTensor", "torch.HalfTensor", "torch.BFloat16Tensor")}
@@ -40,7 +43,6 @@ def _is_cuda(device: object) -> bool:
     if isinstance(device, str):
         return device.split(":")[0] == "cuda"
     return False
-
 
 
 class CudaToCpuMode(TorchFunctionMode):
@@ -124,34 +126,6 @@ def _rng_tracker_is_cuda() -> bool:
 
     return ("torch.cuda.get_rng_state" in inspect.getsource(random.CudaRNGStatesTracker.add)
             and "torch.cuda" in inspect.getsource(random._set_cuda_rng_state))
-
-
-def _patch_torch_norm_sequence_parallel() -> None:
-    from megatron.core.transformer import torch_norm
-
-    original = torch_norm.WrappedTorchNorm.__new__
-
-    def new(cls, config, hidden_size, eps=1e-5, **kwargs):
-        norm = original(cls, _without_sequence_parallel(config), hidden_size, eps, **kwargs)
-        for param in norm.parameters():
-            param.sequence_parallel = config.sequence_parallel
-        return norm
-
-    torch_norm.WrappedTorchNorm.__new__ = new
-
-
-def _without_sequence_parallel(config):
-    if not config.sequence_parallel:
-        return config
-    serial = copy.copy(config)
-    serial.sequence_parallel = False
-    return serial
-
-
-def _torch_norm_refuses_sequence_parallel() -> bool:
-    from megatron.core.transformer import torch_norm
-
-    return "sequence parallel not supported" in inspect.getsource(torch_norm.WrappedTorchNorm.__new__)
 
 
 def _patch_router_gemm_fallback() -> None:
@@ -247,9 +221,6 @@ PATCHES = (
           _enter_cuda_to_cpu_mode, _cuda_hard_coded),
     Patch("cpu-rng-tracker", "the model-parallel RNG tracker reads and seeds torch.cuda generators",
           _patch_rng_tracker, _rng_tracker_is_cuda),
-    Patch("torch-norm-sequence-parallel", "WrappedTorchNorm asserts 'sequence parallel not supported by torch "
-          "LayerNorm'; the patch builds the norm and marks its parameters sequence_parallel so their grads are "
-          "all-reduced over TP", _patch_torch_norm_sequence_parallel, _torch_norm_refuses_sequence_parallel),
     Patch("moe-router-gemm", "the MoE router's gating GEMM reads moe_utils.te_general_gemm, a name only defined "
           "when Transformer Engine imports (NameError without it)", _patch_router_gemm_fallback,
           _router_gemm_name_undefined),
@@ -266,14 +237,9 @@ PATCHES = (
 _applied: list[str] = []
 
 
-def accelerator_present() -> bool:
-    """True when a CUDA or Ascend NPU device is usable (the adaptor then stays off)."""
-    return torch.cuda.is_available() or (hasattr(torch, "npu") and torch.npu.is_available())
-
-
 def apply_cpu_adaptor() -> list[str]:
     """Applies every patch once when there is no CUDA/NPU device; returns the names applied so far."""
-    if accelerator_present() or _applied:
+    if device_type() != "cpu" or _applied:
         return list(_applied)
     for patch in PATCHES:
         patch.apply()

@@ -1,0 +1,72 @@
+"""``mm-train``: the parser assembled from the features, and ``main``.
+
+Flags keep Megatron's and MindSpeed-MM's names and defaults, so MindSpeed-MM launch scripts run
+unchanged; each is defined and checked by one module of :mod:`mm_train.features`. ``main`` turns the
+command line into a :class:`mm_train.config.RunConfig`, builds the engine and runs the loop. A user's
+mistake ends with one line and a non-zero exit: 2 for a flag, 1 for what is found at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from mm_train.config import FEATURES, build_config
+from mm_train.engines import build_engine
+from mm_train.errors import ConfigError, UserError
+from mm_train.launch import init_process_group, read_launch
+from mm_train.loop import train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full mm-train argument parser: every feature's flags."""
+    parser = argparse.ArgumentParser(
+        prog="mm-train", description="Megatron-core GPT training with MindSpeed-MM style flags.",
+        allow_abbrev=False)
+    for feature in FEATURES:
+        feature.add_arguments(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses ``argv`` (default sys.argv[1:]); unknown flags or bad values exit with argparse's usage error."""
+    return build_parser().parse_args(argv)
+
+
+def _error(error: Exception) -> None:
+    print(f"mm-train: error: {error}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``mm-train`` / ``python -m mm_train``; returns the exit status."""
+    args = parse_args(argv)
+    try:
+        launch = read_launch()
+        config = build_config(args, launch)
+    except ConfigError as error:
+        _error(error)
+        return 2
+    engine = None
+    try:
+        init_process_group(launch, config.parallel.distributed_backend, config.parallel.timeout)
+        engine = build_engine(config, launch)
+        state = engine.load()
+        if config.inactive_flags and launch.rank == 0:
+            print(f"mm-train: accepted without effect here: {' '.join(config.inactive_flags)}", flush=True)
+        train(engine, config, state)
+    except UserError as error:
+        _error(error)
+        return 1
+    finally:
+        if engine is not None:
+            engine.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def console_main() -> None:
+    """The ``mm-train`` console script."""
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""The errors a user's mistake raises. The command line prints each as one line, without a traceback."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake of the user's (a flag, a file, a checkpoint): reported as one line, non-zero exit."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad flag, flag combination or environment variable; exit status 2 before start-up, else 1."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be loaded (missing, partial, corrupt, or from another layout)."""

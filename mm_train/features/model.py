@@ -1,0 +1,99 @@
+"""The GPT model's shape: Megatron's model flags (layers, widths, heads, positions, norm, activation,
+biases, dropout, init), their defaults and checks, and :class:`ModelConfig`."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from mm_train.errors import ConfigError
+from mm_train.features import fields_from
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model flags with their defaults resolved (``num_query_groups`` = heads without
+    --group-query-attention; ``ffn_hidden_size`` and ``max_position_embeddings`` filled)."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    kv_channels: int | None
+    num_query_groups: int
+    seq_length: int
+    max_position_embeddings: int
+    position_embedding_type: str
+    rotary_base: int
+    rotary_percent: float
+    normalization: str
+    norm_epsilon: float
+    swiglu: bool
+    untie_embeddings_and_output_weights: bool
+    disable_bias_linear: bool
+    add_qkv_bias: bool
+    init_method_std: float
+    hidden_dropout: float
+    attention_dropout: float
+    make_vocab_size_divisible_by: int
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the model flags."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--num-layers", type=int, required=True)
+    group.add_argument("--hidden-size", type=int, required=True)
+    group.add_argument("--ffn-hidden-size", type=int, default=None,
+                       help="default 4*hidden, or 8/3*hidden rounded up to 64 with --swiglu")
+    group.add_argument("--num-attention-heads", type=int, required=True)
+    group.add_argument("--kv-channels", type=int, default=None)
+    group.add_argument("--group-query-attention", action="store_true")
+    group.add_argument("--num-query-groups", type=int, default=1)
+    group.add_argument("--seq-length", type=int, required=True)
+    group.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
+    group.add_argument("--position-embedding-type", default="learned_absolute",
+                       choices=["learned_absolute", "rope", "none"])
+    group.add_argument("--rotary-base", type=int, default=10000)
+    group.add_argument("--rotary-percent", type=float, default=1.0)
+    group.add_argument("--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"])
+    group.add_argument("--norm-epsilon", type=float, default=1e-5)
+    group.add_argument("--swiglu", action="store_true")
+    group.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    group.add_argument("--disable-bias-linear", action="store_true")
+    group.add_argument("--add-qkv-bias", action="store_true")
+    group.add_argument("--init-method-std", type=float, default=0.02)
+    group.add_argument("--hidden-dropout", type=float, default=0.1)
+    group.add_argument("--attention-dropout", type=float, default=0.1)
+    group.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+
+def _swiglu_ffn_default(hidden: int) -> int:
+    return ((int(4 * hidden * 2 / 3) + 63) // 64) * 64
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    """Megatron's derived defaults: FFN width, max positions, query groups = heads without GQA."""
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = _swiglu_ffn_default(args.hidden_size) if args.swiglu else 4 * args.hidden_size
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if not args.group_query_attention:
+        args.num_query_groups = args.num_attention_heads
+
+
+def check(args: argparse.Namespace) -> None:
+    """Head counts that do not divide, and a sequence longer than the learned position table."""
+    if args.hidden_size % args.num_attention_heads:
+        raise ConfigError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
+                          f"{args.num_attention_heads}")
+    if args.num_attention_heads % args.num_query_groups:
+        raise ConfigError(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+                          f"--num-query-groups {args.num_query_groups}")
+    if args.seq_length > args.max_position_embeddings and args.position_embedding_type == "learned_absolute":
+        raise ConfigError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
+                          f"{args.max_position_embeddings}")
+
+
+def to_config(args: argparse.Namespace) -> ModelConfig:
+    """The :class:`ModelConfig` of the (defaulted, checked) flags."""
+    return fields_from(ModelConfig, args)

@@ -1,0 +1,84 @@
+"""The optimizer, its learning-rate and weight-decay schedule and MindSpeed-MM's parameter rules
+(``--weight-decay-exclude-modules``, ``--lr-scale-modules`` with ``--lr-mult``): flags, checks and
+:class:`OptimizerConfig`. :mod:`mm_train.optim` builds the optimizers and the schedule from it."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from mm_train.errors import ConfigError
+from mm_train.features import fields_from
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimizer (adam | sgd) and its hyper-parameters, the schedule (decay and warmup counted in
+    iterations, or warmup as a fraction of the decay span), gradient clipping (0: off) and the
+    name keywords of the parameter rules."""
+
+    optimizer: str
+    lr: float
+    min_lr: float
+    lr_decay_style: str
+    lr_decay_iters: int | None
+    lr_warmup_fraction: float | None
+    lr_warmup_iters: int
+    lr_warmup_init: float
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_eps: float
+    sgd_momentum: float
+    clip_grad: float
+    weight_decay_exclude_modules: tuple[str, ...]
+    lr_scale_modules: tuple[str, ...]
+    lr_mult: float
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the optimizer, schedule, clipping and parameter-rule flags."""
+    group = parser.add_argument_group("optimizer")
+    group.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    group.add_argument("--lr", type=float, default=1e-4)
+    group.add_argument("--min-lr", type=float, default=0.0)
+    group.add_argument("--lr-decay-style", default="linear",
+                       choices=["constant", "linear", "cosine", "inverse-square-root"])
+    group.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    group.add_argument("--lr-warmup-fraction", type=float, default=None)
+    group.add_argument("--lr-warmup-iters", type=int, default=0)
+    group.add_argument("--lr-warmup-init", type=float, default=0.0)
+    group.add_argument("--weight-decay", type=float, default=0.01)
+    group.add_argument("--adam-beta1", type=float, default=0.9)
+    group.add_argument("--adam-beta2", type=float, default=0.999)
+    group.add_argument("--adam-eps", type=float, default=1e-8)
+    group.add_argument("--sgd-momentum", type=float, default=0.9)
+    group.add_argument("--clip-grad", type=float, default=1.0, help="global L2 norm; 0 disables")
+    group.add_argument("--weight-decay-exclude-modules", nargs="+", default=[],
+                       help="no weight decay for parameters whose name contains one of these (case-insensitive)")
+    group.add_argument("--lr-scale-modules", nargs="+", default=[],
+                       help="parameters whose name contains one of these (case-insensitive) use lr x --lr-mult")
+    group.add_argument("--lr-mult", type=float, default=1.0)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Learning rates out of order, warmup given twice or out of range, negative clipping, a
+    multiplier without the parameters it scales."""
+    if args.min_lr > args.lr:
+        raise ConfigError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    if args.lr_warmup_fraction is not None:
+        if not 0.0 <= args.lr_warmup_fraction < 1.0:
+            raise ConfigError(f"--lr-warmup-fraction {args.lr_warmup_fraction} must be in [0, 1)")
+        if args.lr_warmup_iters:
+            raise ConfigError("--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive")
+    if args.clip_grad < 0:
+        raise ConfigError(f"--clip-grad {args.clip_grad} must be >= 0 (0 disables clipping)")
+    if args.lr_mult != 1.0 and not args.lr_scale_modules:
+        raise ConfigError("--lr-mult needs --lr-scale-modules naming the parameters it scales")
+
+
+def to_config(args: argparse.Namespace) -> OptimizerConfig:
+    """The :class:`OptimizerConfig` of the (checked) flags."""
+    return fields_from(OptimizerConfig, args,
+                       weight_decay_exclude_modules=tuple(args.weight_decay_exclude_modules),
+                       lr_scale_modules=tuple(args.lr_scale_modules))

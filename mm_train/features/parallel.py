@@ -1,0 +1,139 @@
+"""The parallel layout and the process group: tensor, pipeline and data parallelism, sequence
+parallelism, megatron-core's DDP options (distributed optimizer, overlapped gradient reduction and
+parameter gathering, bucket size), the process-group backend and timeout, and the environment
+variables of the reference that concern them (HCCL_CONNECT_TIMEOUT, CUDA_DEVICE_MAX_CONNECTIONS).
+
+Context and expert parallelism have their own features (:mod:`mm_train.features.context_parallel`,
+:mod:`mm_train.features.moe`); the data-parallel size is what the three leave of the world.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from datetime import timedelta
+
+from mm_train.errors import ConfigError
+from mm_train.features import fields_from
+from mm_train.launch import Launch, int_env
+
+BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Sizes (world = TP x PP x CP x DP), megatron-core DDP options, and the process group's
+    backend and collective timeout (``distributed_timeout_minutes`` is megatron's own groups')."""
+
+    world_size: int
+    tensor_model_parallel_size: int
+    pipeline_model_parallel_size: int
+    data_parallel_size: int
+    sequence_parallel: bool
+    use_distributed_optimizer: bool
+    overlap_grad_reduce: bool
+    overlap_param_gather: bool
+    ddp_bucket_size: int | None
+    distributed_backend: str
+    distributed_timeout_minutes: int
+    timeout: timedelta
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the TP/PP/SP sizes, the DDP options and the process-group flags."""
+    group = parser.add_argument_group("parallelism")
+    group.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    group.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    group.add_argument("--sequence-parallel", action="store_true")
+    group.add_argument("--use-distributed-optimizer", action="store_true")
+    group.add_argument("--overlap-grad-reduce", action="store_true")
+    group.add_argument("--overlap-param-gather", action="store_true")
+    group.add_argument("--ddp-bucket-size", type=int, default=None,
+                       help="gradient bucket size in elements (default: megatron-core's)")
+    group.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo", "hccl"],
+                       help="default: hccl on NPU, nccl on CUDA, gloo on CPU")
+    group.add_argument("--distributed-timeout-minutes", type=int, default=10)
+
+
+def check_layout(args: argparse.Namespace, world_size: int) -> int:
+    """The TP x PP x CP layout against the world size and the model's layers and heads; returns the
+    data-parallel size."""
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    if tp < 1 or pp < 1 or cp < 1:
+        raise ConfigError("--tensor-model-parallel-size, --pipeline-model-parallel-size and "
+                          "--context-parallel-size must be >= 1")
+    if world_size % (tp * pp * cp):
+        raise ConfigError(f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp}")
+    if args.num_layers % pp:
+        raise ConfigError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    if args.num_attention_heads % tp:
+        raise ConfigError(f"--num-attention-heads {args.num_attention_heads} is not divisible by TP {tp}")
+    return world_size // (tp * pp * cp)
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    """Sequence parallelism means nothing without tensor parallelism: off at TP 1."""
+    if args.tensor_model_parallel_size == 1:
+        args.sequence_parallel = False
+
+
+def check(args: argparse.Namespace) -> None:
+    """Model widths TP must divide (after the model defaults), and the DDP options' dependencies."""
+    tp = args.tensor_model_parallel_size
+    if args.num_query_groups % tp:
+        raise ConfigError(f"--num-query-groups {args.num_query_groups} is not divisible by TP {tp}")
+    if args.ffn_hidden_size % tp:
+        raise ConfigError(f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by TP {tp}")
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer")
+    if args.overlap_param_gather and not args.overlap_grad_reduce:
+        raise ConfigError("--overlap-param-gather needs --overlap-grad-reduce")
+
+
+def check_environment(args: argparse.Namespace, launch: Launch) -> None:
+    """CUDA_DEVICE_MAX_CONNECTIONS: an integer in [1, 32], and 1 with sequence parallel or overlapped
+    gradient reduction with TP > 1 on an accelerator (the ordering of TP communication relies on it);
+    HCCL_CONNECT_TIMEOUT in range; a backend the device has."""
+    value = int_env("CUDA_DEVICE_MAX_CONNECTIONS", 1, 32)
+    overlapping = args.sequence_parallel or (args.overlap_grad_reduce and args.tensor_model_parallel_size > 1)
+    if overlapping and value is not None and value != 1:
+        raise ConfigError(f"CUDA_DEVICE_MAX_CONNECTIONS={value} must be 1 with --sequence-parallel or "
+                          "--overlap-grad-reduce under tensor parallelism")
+    if overlapping and value is None and launch.device_type != "cpu":
+        raise ConfigError("set CUDA_DEVICE_MAX_CONNECTIONS=1 for --sequence-parallel or --overlap-grad-reduce "
+                          "under tensor parallelism")
+    _timeout(args)
+    backend = _backend(args, launch)
+    if launch.device_type == "cpu" and backend != "gloo":
+        raise ConfigError(f"--distributed-backend {backend} needs an accelerator; this machine has none (use gloo)")
+
+
+def _timeout(args: argparse.Namespace) -> timedelta:
+    """HCCL_CONNECT_TIMEOUT seconds (an integer in [120, 7200]) if set, else --distributed-timeout-minutes."""
+    seconds = int_env("HCCL_CONNECT_TIMEOUT", 120, 7200)
+    if seconds is not None:
+        return timedelta(seconds=seconds)
+    return timedelta(minutes=args.distributed_timeout_minutes)
+
+
+def _backend(args: argparse.Namespace, launch: Launch) -> str:
+    return args.distributed_backend or BACKENDS[launch.device_type]
+
+
+def to_config(args: argparse.Namespace, launch: Launch, data_parallel_size: int) -> ParallelConfig:
+    """The :class:`ParallelConfig` of the (checked) flags and environment."""
+    return fields_from(ParallelConfig, args, world_size=launch.world_size, data_parallel_size=data_parallel_size,
+                       distributed_backend=_backend(args, launch), timeout=_timeout(args))
+
+
+def initialize_model_parallel(parallel: ParallelConfig, context_parallel_size: int,
+                              expert_model_parallel_size: int, experts: bool) -> None:
+    """megatron-core's parallel state for this layout (a collective over all ranks); expert tensor
+    parallelism is 1 when the model has experts."""
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(
+        parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size, expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=1 if experts else None,
+        distributed_timeout_minutes=parallel.distributed_timeout_minutes)
