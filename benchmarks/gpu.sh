@@ -2,7 +2,9 @@
 # For a machine with a CUDA GPU (after scripts/setup.sh, with triton installed):
 #   1. runs the Triton kernel tests on the GPU (compiled, not interpreted);
 #   2. benchmarks every kernel module of mm_kernels.bench (Triton backend vs eager PyTorch and
-#      torch.compile) in bf16 and fp16, writing a table, JSON and a PNG plot.
+#      torch.compile) in bf16 and fp16, writing a table, JSON and a PNG plot;
+#   3. runs mm-train's one-process fault tests on the GPU (fp16 loss scaling, the NaN stop, stop
+#      signals and the time limit, whose agreement all-reduce then runs on NCCL).
 # Usage: bash benchmarks/gpu.sh [OUTPUT_DIR]   (default runs/gpu-bench)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,4 +19,6 @@ python -m mm_kernels info | tee "$out/info.txt"
 python -m pytest -q -p no:cacheprovider -m triton tests | tee "$out/tests.txt"
 python -m mm_kernels.bench.cli all --device cuda --dtype bf16,fp16 \
   --json "$out/bench.json" --plot "$out/bench.png" | tee "$out/bench.txt"
+python -m pytest -q -p no:cacheprovider tests/test_train_faults.py -m slow \
+  -k "fp16 or diverging or stop_signal or time_limit" | tee "$out/trainer-faults.txt"
 echo "gpu.sh: results in $out"
