@@ -22,8 +22,9 @@ from mm_kernels.integrations.transformers import (
     fuse_model_type,
     fused_kind,
 )
+from mm_kernels.integrations.transformers.kinds import KINDS, grouped_linear
 from tests.distributed import run_ranks
-from tests.helpers import relative_error
+from tests.helpers import assert_close, relative_error
 
 GELU = "activation GELUTanh is not SiLU (SwiGLU does not apply)"
 LAYER_NORM = "LayerNorm (mean-centred): mm_kernels fuses RMSNorm only"
@@ -289,3 +290,35 @@ def test_fsdp2_before_and_after_patching():
     for patch_before in (True, False):
         losses = torch.stack(run_ranks(_fsdp_losses, 2, patch_before, timeout=300))
         torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
+
+
+# bf16 with 12 columns (24-byte rows) takes the per-expert loop, the others F.grouped_mm.
+@pytest.mark.parametrize("dtype, hidden", [(torch.bfloat16, 32), (torch.bfloat16, 12), (torch.float32, 12)])
+def test_grouped_linear_matches_per_expert_matmuls(dtype, hidden):
+    generator = torch.Generator().manual_seed(8)
+    counts = torch.tensor([3, 0, 5, 1])
+    x = torch.randn(int(counts.sum()), hidden, generator=generator).to(dtype).requires_grad_()
+    weight = torch.randn(4, 16, hidden, generator=generator).to(dtype).requires_grad_()
+    out = grouped_linear(x, weight, counts)
+    rows = x.detach().split(counts.tolist())
+    expected = torch.cat([r.double() @ w.double().T for r, w in zip(rows, weight.detach(), strict=True)])
+    assert_close(out, expected, dtype, name="out")
+    out.backward(torch.ones_like(out))
+    expected_dx = torch.cat([torch.ones(len(r), 16, dtype=torch.float64) @ w.double()
+                             for r, w in zip(rows, weight.detach(), strict=True)])
+    assert_close(x.grad, expected_dx, dtype, name="dx")
+    for e, rows_e in enumerate(rows):
+        assert_close(weight.grad[e], torch.ones(len(rows_e), 16, dtype=torch.float64).T @ rows_e.double(), dtype,
+                     scale=len(rows_e) ** 0.5 + 1, name=f"dweight[{e}]")
+
+
+def test_experts_with_no_tokens_and_one_expert_hit():
+    model = build_model("mixtral")
+    experts = model.model.layers[0].mlp.experts
+    fused = KINDS["moe_experts"].forward
+    empty = fused(experts, torch.zeros(0, 64), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert empty.shape == (0, 64)
+    hidden = torch.randn(5, 64)
+    index = torch.tensor([[3, 1]] * 5)
+    weights = torch.full((5, 2), 0.5)
+    torch.testing.assert_close(fused(experts, hidden, index, weights), type(experts).forward(experts, hidden, index, weights))
