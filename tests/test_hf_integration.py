@@ -322,3 +322,13 @@ def test_experts_with_no_tokens_and_one_expert_hit():
     index = torch.tensor([[3, 1]] * 5)
     weights = torch.full((5, 2), 0.5)
     torch.testing.assert_close(fused(experts, hidden, index, weights), type(experts).forward(experts, hidden, index, weights))
+
+
+def test_module_whose_forward_a_hook_replaced_is_left_alone():
+    model = build_model("llama")
+    norm = model.model.norm
+    norm.forward = lambda hidden_states: type(norm).forward(norm, hidden_states)  # as accelerate's hooks do
+    report = apply_fused_kernels(model)
+    assert ("model.norm", "LlamaRMSNorm", "its forward is already replaced on the instance (e.g. by a hook)") \
+        in report.left_alone
+    assert report.counts() == {"rms_norm": 4, "swiglu_mlp": 2}

@@ -64,22 +64,28 @@ def fused_kind(module: nn.Module) -> Kind | None:
     return FUSED_FORWARDS.get(getattr(forward, "__func__", None))
 
 
+def _reason_to_skip(module: nn.Module, kind: Kind, enabled: dict[str, bool]) -> str | None:
+    if not enabled[kind.flag]:
+        return f"{kind.flag}=False"
+    if "forward" in module.__dict__:
+        return "its forward is already replaced on the instance (e.g. by a hook)"
+    return kind.check(module)
+
+
 def _plan(model: nn.Module, enabled: dict[str, bool], report: FusedKernelReport):
     """Candidates grouped by (class, kind, dtype, device): [(name, module)]; everything else goes to the report."""
     groups: dict[tuple, list[tuple[str, nn.Module]]] = {}
     for name, module in model.named_modules():
         cls = plain_class(module).__name__
-        if fused_kind(module) is not None:
-            report.left_alone.append((name, cls, "already fused"))
-            continue
         kind_name = kind_name_for(module)
-        if kind_name is None:
+        if fused_kind(module) is not None:
+            reason = "already fused"
+        elif kind_name is None:
             reason = unsupported_reason(module)
-            if reason is not None:
-                report.left_alone.append((name, cls, reason))
-            continue
-        kind = KINDS[kind_name]
-        reason = kind.check(module) if enabled[kind.flag] else f"{kind.flag}=False"
+            if reason is None:
+                continue
+        else:
+            reason = _reason_to_skip(module, KINDS[kind_name], enabled)
         if reason is not None:
             report.left_alone.append((name, cls, reason))
             continue
