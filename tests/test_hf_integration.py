@@ -332,3 +332,16 @@ def test_module_whose_forward_a_hook_replaced_is_left_alone():
     assert ("model.norm", "LlamaRMSNorm", "its forward is already replaced on the instance (e.g. by a hook)") \
         in report.left_alone
     assert report.counts() == {"rms_norm": 4, "swiglu_mlp": 2}
+
+
+def test_patched_model_deep_copies_and_pickles(tmp_path):
+    model = build_model("qwen3_moe")
+    apply_fused_kernels(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    for copied in (copy.deepcopy(model), loaded):
+        for module in (copied.model.norm, copied.model.layers[1].mlp.experts):
+            assert fused_kind(module) is not None and module.forward.module is module
+        batch = make_batch("qwen3_moe", batch=2, seq=16)
+        with torch.no_grad():
+            assert torch.equal(copied(**batch).logits, model(**batch).logits)

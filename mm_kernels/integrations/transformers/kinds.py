@@ -160,5 +160,3 @@ KINDS = {kind.name: kind for kind in (
     Kind("swiglu_mlp", "swiglu", _swiglu_mlp_forward, _check_swiglu_mlp, _mlp_inputs),
     Kind("moe_experts", "moe_permute", _moe_experts_forward, _check_moe_experts, _experts_inputs),
 )}
-
-FUSED_FORWARDS = {kind.forward: kind for kind in KINDS.values()}

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import functools
 import importlib
-import types
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from mm_kernels.integrations.transformers.kinds import FUSED_FORWARDS, KINDS, Kind
+from mm_kernels.integrations.transformers.kinds import KINDS, Kind
 from mm_kernels.integrations.transformers.probe import module_dtype, plain_class, probe, probe_device
 from mm_kernels.integrations.transformers.registry import SUPPORTED, kind_name_for, unsupported_reason
 
@@ -58,10 +57,25 @@ class FusedKernelReport:
         return "\n".join(lines)
 
 
+class FusedForward:
+    """A kind's fused forward bound to one module; set as the module's instance ``forward``.
+
+    A plain object rather than a bound method, so that patched models pickle (``torch.save``) and
+    deep-copy with their fused forwards.
+    """
+
+    def __init__(self, kind_name: str, module: nn.Module) -> None:
+        self.kind_name = kind_name
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return KINDS[self.kind_name].forward(self.module, *args, **kwargs)
+
+
 def fused_kind(module: nn.Module) -> Kind | None:
     """The kind whose fused forward this module runs, or None."""
     forward = module.__dict__.get("forward")
-    return FUSED_FORWARDS.get(getattr(forward, "__func__", None))
+    return KINDS[forward.kind_name] if isinstance(forward, FusedForward) else None
 
 
 def _reason_to_skip(module: nn.Module, kind: Kind, enabled: dict[str, bool]) -> str | None:
@@ -121,7 +135,7 @@ def apply_fused_kernels(model: nn.Module, rms_norm: bool = True, swiglu: bool = 
             report.left_alone.extend((name, cls.__name__, f"probe mismatch: {result.detail}") for name, _ in members)
             continue
         for name, module in members:
-            module.forward = types.MethodType(KINDS[kind_name].forward, module)
+            module.forward = FusedForward(kind_name, module)
             report.swapped.append((name, cls.__name__, kind_name))
             report._modules.append(module)
     return report
