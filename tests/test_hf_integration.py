@@ -205,7 +205,7 @@ def test_save_pretrained_and_model_type_patch(tmp_path):
 
 def test_model_type_patch_covers_from_config_and_refuses_misuse():
     config = build_model("llama").config
-    with fuse_model_type("llama", swiglu=False) as patch:
+    with fuse_model_type("llama", "llama", swiglu=False) as patch:
         model = transformers.AutoModelForCausalLM.from_config(config)
         with pytest.raises(ValueError, match="already patched"):
             fuse_model_type("llama")

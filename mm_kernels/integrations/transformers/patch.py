@@ -187,7 +187,7 @@ class ModelTypePatch:
         self.options = options
         self.reports: list[FusedKernelReport] = []
         self._saved: list[tuple[type, str, object]] = []
-        bases = [base for model_type in model_types for base in _pretrained_bases(model_type)]
+        bases = list(dict.fromkeys(base for model_type in model_types for base in _pretrained_bases(model_type)))
         patched = [base.__name__ for base in bases if any(name in base.__dict__ for name in _BUILDERS)]
         if patched:
             raise ValueError(f"{', '.join(patched)} is already patched; undo that patch first")
