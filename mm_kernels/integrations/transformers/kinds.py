@@ -47,8 +47,9 @@ def _swiglu_mlp_forward(self, hidden_states: Tensor) -> Tensor:
 
 def _grouped_mm_fits(x: Tensor, weight: Tensor) -> bool:
     """Whether ``F.grouped_mm`` takes these operands: CPU, or bf16 on CUDA sm80+; contiguous weights, rows of
-    16-byte multiples and 16-byte aligned data; bf16 under torch.compile. Else the per-expert loop runs."""
-    if not hasattr(F, "grouped_mm") or x.device.type not in ("cpu", "cuda"):
+    16-byte multiples and 16-byte aligned data, one dtype (autocast does not reach grouped_mm); bf16 under
+    torch.compile. Else the per-expert loop runs."""
+    if not hasattr(F, "grouped_mm") or x.device.type not in ("cpu", "cuda") or x.dtype != weight.dtype:
         return False
     if x.device.type == "cuda" and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0)):
         return False
@@ -79,7 +80,7 @@ def _moe_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     hidden = swiglu(grouped_linear(permuted, self.gate_up_proj, counts), dim=-1)
     hidden = grouped_linear(hidden, self.down_proj, counts)
-    return moe_unpermute(hidden, sorted_indices, top_k_weights)
+    return moe_unpermute(hidden, sorted_indices, top_k_weights).to(hidden_states.dtype)
 
 
 def _is_silu(act: object) -> bool:
