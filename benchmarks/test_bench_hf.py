@@ -7,19 +7,20 @@ import pytest
 import torch
 
 from mm_kernels.bench import cli
-from mm_kernels.bench.hf import format_rows, run_variant
+from mm_kernels.bench.hf import format_rows, peak_step_memory, time_variants
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_5_vl"])
 def test_variants_agree(model_type):
-    results = [run_variant(model_type, variant, "tiny", "fp32", "cpu", batch=2, seq=24, steps=2, warmup=1,
-                           threads=torch.get_num_threads()) for variant in ("original", "fused")]
-    original, fused = results
+    timed = time_variants(model_type, "tiny", "fp32", "cpu", batch=2, seq=24, steps=2, warmup=1,
+                          threads=torch.get_num_threads())
+    original, fused = timed["original"], timed["fused"]
     assert original["fused"] == {} and sum(fused["fused"].values()) > 0
     assert fused["loss"] == pytest.approx(original["loss"], rel=1e-5)
-    assert all(r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 for r in results)
-    table = format_rows(results)
-    assert "fused/original" in table.splitlines()[-1]
+    assert all(r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 for r in timed.values())
+    peak = peak_step_memory(model_type, "fused", "tiny", "fp32", "cpu", batch=2, seq=24, threads=1)
+    rows = [{"model": model_type, "variant": variant, **timed[variant], "peak_mb": peak} for variant in timed]
+    assert "fused/original" in format_rows(rows).splitlines()[-1]
 
 
 def test_cli_writes_table_and_json(tmp_path, capsys):
