@@ -2,7 +2,8 @@
 # For a machine with a CUDA GPU (after scripts/setup.sh, with triton installed):
 #   1. runs the Triton kernel tests on the GPU (compiled, not interpreted);
 #   2. benchmarks every kernel module of mm_kernels.bench (Triton backend vs eager PyTorch and
-#      torch.compile) in bf16 and fp16, writing a table, JSON and a PNG plot.
+#      torch.compile) in bf16 and fp16, writing a table, JSON and a PNG plot;
+#   3. times Hugging Face training steps with and without the fused kernels (mm-bench hf).
 # Usage: bash benchmarks/gpu.sh [OUTPUT_DIR]   (default runs/gpu-bench)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,4 +18,8 @@ python -m mm_kernels info | tee "$out/info.txt"
 python -m pytest -q -p no:cacheprovider -m triton tests | tee "$out/tests.txt"
 python -m mm_kernels.bench.cli all --device cuda --dtype bf16,fp16 \
   --json "$out/bench.json" --plot "$out/bench.png" | tee "$out/bench.txt"
+# Hugging Face training steps with and without the fused kernels on the GPU: the equivalence probe, the
+# Triton kernels and the experts' grouped matmuls run on CUDA; both variants' loss columns should agree.
+python -m mm_kernels.bench.cli hf --device cuda --model llama qwen3_moe qwen2_5_vl \
+  --json "$out/hf.json" | tee "$out/hf.txt"
 echo "gpu.sh: results in $out"
