@@ -3,7 +3,9 @@
 #   1. runs the Triton kernel tests on the GPU (compiled, not interpreted);
 #   2. benchmarks every kernel module of mm_kernels.bench (Triton backend vs eager PyTorch and
 #      torch.compile) in bf16 and fp16, writing a table, JSON and a PNG plot;
-#   3. times Hugging Face training steps with and without the fused kernels (mm-bench hf).
+#   3. times Hugging Face training steps with and without the fused kernels (mm-bench hf);
+#   4. runs mm-train's one-process fault tests on the GPU (fp16 loss scaling, the NaN stop, stop
+#      signals and the time limit, whose agreement all-reduce then runs on NCCL).
 # Usage: bash benchmarks/gpu.sh [OUTPUT_DIR]   (default runs/gpu-bench)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,4 +24,6 @@ python -m mm_kernels.bench.cli all --device cuda --dtype bf16,fp16 \
 # Triton kernels and the experts' grouped matmuls run on CUDA; both variants' loss columns should agree.
 python -m mm_kernels.bench.cli hf --device cuda --model llama qwen3_moe qwen2_5_vl \
   --json "$out/hf.json" | tee "$out/hf.txt"
+python -m pytest -q -p no:cacheprovider tests/test_train_faults.py -m slow \
+  -k "fp16 or diverging or stop_signal or time_limit" | tee "$out/trainer-faults.txt"
 echo "gpu.sh: results in $out"
