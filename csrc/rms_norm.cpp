@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "cpu_dispatch.h"
+#include "dispatch_types.h"
 #include "dtype_convert.h"
 #include "huge_page_alloc.h"
 
@@ -150,21 +151,6 @@ MMK_VECTORIZED void add_into(float* acc, const float* values, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += values[i];
 }
 
-// Calls body(T{}) with T the C++ type of an fp32, bf16 or fp16 tensor (checked before).
-template <typename Body>
-void dispatch_float(at::ScalarType dtype, Body&& body) {
-  switch (dtype) {
-    case at::kFloat:
-      return body(float{});
-    case at::kBFloat16:
-      return body(c10::BFloat16{});
-    case at::kHalf:
-      return body(c10::Half{});
-    default:
-      TORCH_CHECK(false, "rms_norm: unsupported dtype ", dtype);
-  }
-}
-
 void check_x(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.defined(), "rms_norm: ", name, " is undefined");
   TORCH_CHECK(x.device().is_cpu(), "rms_norm: ", name, " must be a CPU tensor, got ", x.device());
@@ -221,8 +207,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x_in, const st
   const at::Tensor scale = forward_scale(weight, casting, offset, x.scalar_type());
   const float* scale_ptr = scale.defined() ? scale.data_ptr<float>() : nullptr;
   const float eps_f = static_cast<float>(eps);
-  dispatch_float(x.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
+  MMK_DISPATCH_FLOAT_TYPES(x.scalar_type(), "mm_kernels_cpu::rms_norm_fwd", [&] {
+    using T = scalar_t;
     const T* xp = x.const_data_ptr<T>();
     T* yp = y.mutable_data_ptr<T>();
     float* rp = rstd.mutable_data_ptr<float>();
@@ -271,8 +257,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy_in, const a
   const int64_t blocks = rows == 0 ? 0 : std::min(kMaxGradBlocks, ceil_div(rows, kMinRowsPerGradBlock));
   const int64_t rows_per_block = blocks == 0 ? 0 : ceil_div(rows, blocks);
   at::Tensor partial = with_weight ? at::empty({blocks, hidden}, x.options().dtype(at::kFloat)) : at::Tensor();
-  dispatch_float(x.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
+  MMK_DISPATCH_FLOAT_TYPES(x.scalar_type(), "mm_kernels_cpu::rms_norm_bwd", [&] {
+    using T = scalar_t;
     const T* xp = x.const_data_ptr<T>();
     const T* dyp = dy.const_data_ptr<T>();
     const float* rp = rstd.const_data_ptr<float>();
@@ -326,8 +312,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd(const at::Tensor
   const at::Tensor scale = forward_scale(weight, Casting::kLlama, 0.0, x.scalar_type());
   const float* scale_ptr = scale.defined() ? scale.data_ptr<float>() : nullptr;
   const float eps_f = static_cast<float>(eps);
-  dispatch_float(x.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
+  MMK_DISPATCH_FLOAT_TYPES(x.scalar_type(), "mm_kernels_cpu::add_rms_norm_fwd", [&] {
+    using T = scalar_t;
     const T* xp = x.const_data_ptr<T>();
     const T* resp = residual.const_data_ptr<T>();
     T* sp = summed.mutable_data_ptr<T>();
@@ -354,10 +340,20 @@ TORCH_LIBRARY_FRAGMENT(mm_kernels_cpu, m) {
   m.def("add_rms_norm_fwd(Tensor x, Tensor residual, Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(mm_kernels_cpu, CPU, m) {
+namespace {
+
+// Registers the kernels into the library m: the operators of mm_kernels_cpu (defined above) and the
+// CPU kernels of the mm_kernels operators (defined by mm_kernels.contract) share names.
+void register_rms_norm_kernels(torch::Library& m) {
   m.impl("rms_norm_fwd", &rms_norm_fwd);
   m.impl("rms_norm_bwd", &rms_norm_bwd);
   m.impl("add_rms_norm_fwd", &add_rms_norm_fwd);
 }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mm_kernels_cpu, CPU, m) { register_rms_norm_kernels(m); }
+
+TORCH_LIBRARY_IMPL(mm_kernels, CPU, m) { register_rms_norm_kernels(m); }
 
 }  // namespace mmk

@@ -15,16 +15,12 @@
 
 #include "activation_math.h"
 #include "cpu_dispatch.h"
+#include "dispatch_types.h"
 #include "dtype_convert.h"
 #include "huge_page_alloc.h"
 
 namespace mmk {
 namespace {
-
-// AT_DISPATCH over the dtypes the kernels take: float, bfloat16, half.
-#define MMK_DISPATCH_SWIGLU_TYPES(TYPE, NAME, ...)                                          \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                 \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 constexpr int64_t kTileElems = 8192;
 constexpr int64_t kMinElemsPerTask = 32768;
@@ -132,7 +128,7 @@ at::Tensor swiglu_fwd(const at::Tensor& x_in, int64_t dim) {
   const Layout layout = halves_layout(x_in, dim, &out_shape);
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = empty_huge_page_advised(out_shape, x.options());
-  MMK_DISPATCH_SWIGLU_TYPES(x.scalar_type(), "mm_kernels_cpu::swiglu_fwd", [&] {
+  MMK_DISPATCH_FLOAT_TYPES(x.scalar_type(), "mm_kernels_cpu::swiglu_fwd", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     for_each_tile(layout, [&](int64_t row, int64_t col, int64_t len) {
@@ -151,7 +147,7 @@ at::Tensor swiglu_bwd(const at::Tensor& dy_in, const at::Tensor& x_in, int64_t d
   const at::Tensor x = x_in.contiguous();
   const at::Tensor dy = dy_in.contiguous();
   at::Tensor dx = empty_huge_page_advised(x.sizes(), x.options());
-  MMK_DISPATCH_SWIGLU_TYPES(x.scalar_type(), "mm_kernels_cpu::swiglu_bwd", [&] {
+  MMK_DISPATCH_FLOAT_TYPES(x.scalar_type(), "mm_kernels_cpu::swiglu_bwd", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
@@ -170,7 +166,7 @@ at::Tensor swiglu_pair_fwd(const at::Tensor& gate_in, const at::Tensor& up_in) {
   const at::Tensor up = up_in.contiguous();
   at::Tensor y = empty_huge_page_advised(gate.sizes(), gate.options());
   const Layout layout{1, gate.numel(), 0};
-  MMK_DISPATCH_SWIGLU_TYPES(gate.scalar_type(), "mm_kernels_cpu::swiglu_pair_fwd", [&] {
+  MMK_DISPATCH_FLOAT_TYPES(gate.scalar_type(), "mm_kernels_cpu::swiglu_pair_fwd", [&] {
     const scalar_t* ap = gate.const_data_ptr<scalar_t>();
     const scalar_t* bp = up.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
@@ -190,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_pair_bwd(const at::Tensor& dy_in, cons
   at::Tensor dgate = empty_huge_page_advised(gate.sizes(), gate.options());
   at::Tensor dup = empty_huge_page_advised(gate.sizes(), gate.options());
   const Layout layout{1, gate.numel(), 0};
-  MMK_DISPATCH_SWIGLU_TYPES(gate.scalar_type(), "mm_kernels_cpu::swiglu_pair_bwd", [&] {
+  MMK_DISPATCH_FLOAT_TYPES(gate.scalar_type(), "mm_kernels_cpu::swiglu_pair_bwd", [&] {
     const scalar_t* ap = gate.const_data_ptr<scalar_t>();
     const scalar_t* bp = up.const_data_ptr<scalar_t>();
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
@@ -213,9 +209,19 @@ TORCH_LIBRARY_FRAGMENT(mm_kernels_cpu, m) {
   m.def("swiglu_pair_bwd(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(mm_kernels_cpu, CPU, m) {
+// Registers the kernels into the library m: the operators of mm_kernels_cpu (defined above) and the
+// CPU kernels of the mm_kernels operators (defined by mm_kernels.contract) share names.
+namespace {
+
+void register_swiglu_kernels(torch::Library& m) {
   m.impl("swiglu_fwd", &mmk::swiglu_fwd);
   m.impl("swiglu_bwd", &mmk::swiglu_bwd);
   m.impl("swiglu_pair_fwd", &mmk::swiglu_pair_fwd);
   m.impl("swiglu_pair_bwd", &mmk::swiglu_pair_bwd);
 }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mm_kernels_cpu, CPU, m) { register_swiglu_kernels(m); }
+
+TORCH_LIBRARY_IMPL(mm_kernels, CPU, m) { register_swiglu_kernels(m); }

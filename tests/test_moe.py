@@ -369,14 +369,28 @@ def test_bad_routing_map_input_is_refused(backend):
                                    routing_map=torch.eye(4, 2, dtype=torch.bool).roll(1, 1).triu())
 
 
+def test_bad_indices_are_refused_without_a_forced_backend():
+    """The device's own kernel (C++ on CPU) checks the index values too, naming the argument."""
+    tokens = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="indices"):
+        mm_kernels.moe_permute(tokens, torch.tensor([[0, 1], [1, -1], [2, 0], [0, 1]]))
+    with pytest.raises(ValueError, match="indices"):
+        mm_kernels.moe_permute(tokens, torch.tensor([[0, 1], [1, 2], [2, 0], [0, 1]]), num_experts=2)
+    permuted, sorted_indices = mm_kernels.moe_permute(tokens, torch.tensor([[0, 1], [1, 2], [2, 0], [0, 1]]))
+    with pytest.raises(ValueError, match="permutation"):
+        mm_kernels.moe_unpermute(permuted, torch.zeros_like(sorted_indices), torch.rand(4, 2))
+    with pytest.raises(ValueError, match="sorted_indices"):
+        mm_kernels.moe_unpermute(permuted, sorted_indices + 1, torch.rand(4, 2))
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ kernels are not built")
 def test_cpu_operators_check_their_inputs():
     cpu = torch.ops.mm_kernels_cpu
     tokens = torch.randn(4, 3)
     with pytest.raises(ValueError, match=r"indices\[3\] = 5 is outside \[0, 4\)"):
-        cpu.moe_permute(tokens, torch.tensor([[0], [1], [2], [5]]), 4, 4)
+        cpu.moe_permute_fwd(tokens, torch.tensor([[0], [1], [2], [5]]), 4, 4)
     with pytest.raises(TypeError, match="indices must be int32 or int64"):
-        cpu.moe_permute(tokens, torch.zeros(4, 1), 4, 4)
+        cpu.moe_permute_fwd(tokens, torch.zeros(4, 1), 4, 4)
     with pytest.raises(ValueError, match="not a permutation"):
         cpu.moe_unpermute_bwd(tokens, tokens, torch.tensor([0, 1, 1, 2]), None)
     with pytest.raises(ValueError, match="row_token"):

@@ -38,8 +38,6 @@ class BenchCase:
     ours: Callable[..., Any]
     reference: Callable[..., Any]
     bytes_moved: int | None = None
-    op_name: str | None = None
-    implemented: tuple[str, ...] = ("reference", "cpu", "triton", "npu")
 
 
 @dataclasses.dataclass
@@ -112,7 +110,7 @@ def _peak_mem_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
 def run_case(case: BenchCase, device: torch.device, with_compile: bool = True) -> BenchResult:
     """Times ``case`` (ours, eager reference, torch.compile of the reference) on ``device``."""
     inputs = case.make_inputs()
-    backend = select_backend(case.op_name or case.kernel, device, case.implemented)
+    backend = select_backend(device)
     ours_ms = median_ms(lambda: case.ours(*inputs), device)
     eager_ms = median_ms(lambda: case.reference(*inputs), device)
     compile_ms = None

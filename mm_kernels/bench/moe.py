@@ -76,10 +76,9 @@ def cases(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool = Fal
             # Least traffic: permute reads T rows, writes T*K; unpermute reads T*K, writes T. The backward
             # reads dout (T) and permuted (T*K), writes dpermuted (T*K), then reads it and writes dtokens (T).
             result.append(BenchCase(KERNEL, "permute", shape, dtype, make_permute, _ours_permute,
-                                    _reference_permute, bytes_moved=(num_tokens + slots) * row, op_name="moe"))
+                                    _reference_permute, bytes_moved=(num_tokens + slots) * row))
             result.append(BenchCase(KERNEL, "unpermute", shape, dtype, make_unpermute, _ours_unpermute,
-                                    _reference_unpermute, bytes_moved=(num_tokens + slots) * row, op_name="moe"))
+                                    _reference_unpermute, bytes_moved=(num_tokens + slots) * row))
             result.append(BenchCase(KERNEL, "fwd+bwd", shape, dtype, make_fwd_bwd, _ours_fwd_bwd,
-                                    _reference_fwd_bwd, bytes_moved=(4 * num_tokens + 5 * slots) * row,
-                                    op_name="moe"))
+                                    _reference_fwd_bwd, bytes_moved=(4 * num_tokens + 5 * slots) * row))
     return result

@@ -52,7 +52,7 @@ def cases(device: torch.device, dtypes: list[torch.dtype], quick: bool) -> list[
         for dtype in dtypes:
             size = dtype.itemsize
             row_bytes = rows * hidden * size
-            common = dict(kernel=KERNEL, shape=f"[{rows}, {hidden}]", dtype=dtype, op_name="rms_norm")
+            common = dict(kernel=KERNEL, shape=f"[{rows}, {hidden}]", dtype=dtype)
             found.append(BenchCase(
                 mode="fwd", make_inputs=_inputs(rows, hidden, dtype, device, grad=False),
                 ours=_ours_forward, reference=_reference_forward,

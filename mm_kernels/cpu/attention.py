@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mm_kernels.reference.rms_norm import compute_dtype
+from mm_kernels.precision import compute_dtype
 
 
 def _repeat_heads(x: Tensor, group: int) -> Tensor:
@@ -25,7 +25,7 @@ def _sum_heads(grad: Tensor, heads_kv: int, dtype: torch.dtype) -> Tensor:
 
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> (out [B, Sq, Hq, D], lse [B, Hq, Sq] fp32 (fp64 for fp64))."""
+    """q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> (out [B, Sq, Hq, D], lse [B, Hq, Sq] fp32)."""
     group = q.shape[2] // k.shape[2]
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.transpose(1, 2), _repeat_heads(k, group).transpose(1, 2), _repeat_heads(v, group).transpose(1, 2),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mm_kernels.reference.rms_norm import compute_dtype
+from mm_kernels.precision import compute_dtype
 
 
 def num_kept_rows(slots: int, num_out_tokens: int) -> int:

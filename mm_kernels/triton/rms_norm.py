@@ -4,7 +4,7 @@ Forward: one program per row, statistics in fp32, the row walked in chunks of at
 ``MAX_BLOCK`` columns (one chunk for H <= MAX_BLOCK). Backward: a fixed number of programs
 (from the row count only), each owning a contiguous run of rows; every program sums its
 rows' weight gradient in fp32, then the per-program partial sums are added in program
-order, so dweight does not depend on scheduling. fp32/bf16/fp16; fp64 runs the reference.
+order, so dweight does not depend on scheduling. fp32/bf16/fp16.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from mm_kernels.reference import rms_norm as reference
 
 MAX_BLOCK = 8192
 # Upper bound on backward programs: each keeps one [H] fp32 partial weight gradient.
@@ -146,8 +144,6 @@ def rms_norm_fwd(
     x: Tensor, weight: Tensor | None, eps: float, casting: str, offset: float
 ) -> tuple[Tensor, Tensor]:
     """x [..., H], weight [H] or None -> (y [..., H] in x.dtype, rstd [...] fp32; fp64 for fp64 x)."""
-    if x.dtype == torch.float64:
-        return reference.rms_norm_fwd(x, weight, eps, casting, offset)
     x2 = _as_rows(x)
     rows, hidden = x2.shape
     y = torch.empty_like(x2)
@@ -167,8 +163,6 @@ def rms_norm_bwd(
     dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, eps: float, casting: str, offset: float
 ) -> tuple[Tensor, Tensor | None]:
     """Gradients (dx like x, dweight like weight or None); dweight summed in fp32 in a fixed order."""
-    if x.dtype == torch.float64:
-        return reference.rms_norm_bwd(dy, x, weight, rstd, eps, casting, offset)
     x2, dy2 = _as_rows(x), _as_rows(dy)
     rows, hidden = x2.shape
     dx = torch.empty_like(x2)
@@ -191,8 +185,6 @@ def add_rms_norm_fwd(
     x: Tensor, residual: Tensor, weight: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x, residual [..., H] -> (y, rstd [...] fp32, x + residual): llama RMSNorm of the residual sum."""
-    if x.dtype == torch.float64:
-        return reference.add_rms_norm_fwd(x, residual, weight, eps)
     x2, res2 = _as_rows(x), _as_rows(residual)
     rows, hidden = x2.shape
     y, summed = torch.empty_like(x2), torch.empty_like(x2)

@@ -2,8 +2,7 @@
 
 Both forms run one kernel over a [rows, n] layout whose a and b rows sit ``in_stride`` elements
 apart: ``x`` contiguous viewed as [outer, 2, n] (a = x[:, 0], b = x[:, 1], in_stride = 2n), or
-gate and up flattened to one row. One program handles BLOCK columns of one row. fp64 tensors run
-the reference (fp64 throughout).
+gate and up flattened to one row. One program handles BLOCK columns of one row.
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from mm_kernels.reference import swiglu as reference
 
 BLOCK = 1024
 
@@ -72,8 +69,6 @@ def _launch_bwd(dy: Tensor, a: Tensor, b: Tensor, da: Tensor, db: Tensor, rows: 
 
 def swiglu_fwd(x: Tensor, dim: int) -> Tensor:
     """x [..., 2F, ...] -> silu(a) * b [..., F, ...] (halves along ``dim`` >= 0)."""
-    if x.dtype == torch.float64:
-        return reference.swiglu_fwd(x, dim)
     x = x.contiguous()
     rows, n = _rows_and_width(x, dim)
     shape = list(x.shape)
@@ -86,8 +81,6 @@ def swiglu_fwd(x: Tensor, dim: int) -> Tensor:
 
 def swiglu_bwd(dy: Tensor, x: Tensor, dim: int) -> Tensor:
     """dy [..., F, ...], x [..., 2F, ...] -> dx like x."""
-    if x.dtype == torch.float64:
-        return reference.swiglu_bwd(dy, x, dim)
     x, dy = x.contiguous(), dy.contiguous()
     rows, n = _rows_and_width(x, dim)
     dx = torch.empty_like(x)
@@ -98,8 +91,6 @@ def swiglu_bwd(dy: Tensor, x: Tensor, dim: int) -> Tensor:
 
 def swiglu_pair_fwd(gate: Tensor, up: Tensor) -> Tensor:
     """gate, up [...] -> silu(gate) * up [...]."""
-    if gate.dtype == torch.float64:
-        return reference.swiglu_pair_fwd(gate, up)
     gate, up = gate.contiguous(), up.contiguous()
     y = torch.empty_like(gate)
     _launch_fwd(gate, up, y, 1, gate.numel(), 0)
@@ -108,8 +99,6 @@ def swiglu_pair_fwd(gate: Tensor, up: Tensor) -> Tensor:
 
 def swiglu_pair_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     """dy, gate, up [...] -> (dgate, dup)."""
-    if gate.dtype == torch.float64:
-        return reference.swiglu_pair_bwd(dy, gate, up)
     dy, gate, up = dy.contiguous(), gate.contiguous(), up.contiguous()
     dgate, dup = torch.empty_like(gate), torch.empty_like(up)
     _launch_bwd(dy, gate, up, dgate, dup, 1, gate.numel(), 0)
