@@ -8,10 +8,10 @@
 
 namespace mmk {
 
-// exp(x) for x <= 0, within 2 ulp of expf down to -87; smaller x give exp(-87) (~1.6e-38, the
-// smallest result kept a normal float).
+// exp(x) for x <= 0, within 2 ulp of expf down to -87; smaller x (and -inf) give 0.
 inline float exp_nonpositive_f32(float x) {
   constexpr float kMin = -87.0f;
+  const bool underflows = x < kMin;
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;
   constexpr float kLn2Lo = -2.12194440e-4f;
@@ -31,11 +31,12 @@ inline float exp_nonpositive_f32(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  return p * bits_to_float(scale_bits);
+  return underflows ? 0.0f : p * bits_to_float(scale_bits);
 }
 
 // 1 / (1 + exp(-x)), from e = exp(-|x|) so that exp never overflows:
-// 1 / (1 + e) for x >= 0, e / (1 + e) below.
+// 1 / (1 + e) for x >= 0, e / (1 + e) below. sigmoid(-inf) is 0, so silu(-inf) = -inf * 0 is NaN
+// as in torch.
 inline float sigmoid_f32(float x) {
   const float e = exp_nonpositive_f32(bits_to_float(float_to_bits(x) | 0x80000000u));
   const float r = 1.0f / (1.0f + e);

@@ -7,6 +7,7 @@ import torch
 
 import mm_kernels
 from mm_kernels.ops.attention import attention_bwd, attention_with_lse
+from mm_kernels.reference import attention as reference
 from tests.helpers import cpu_backends, relative_error
 
 # Largest error relative to the largest fp64 reference value (Triton's interpreter truncates to bf16).
@@ -115,6 +116,22 @@ def test_empty_inputs(backend):
         out, lse, dq, dk, dv = _run(backend, q, k, v, dout, False)
         assert torch.equal(out, torch.zeros_like(q)) and bool((lse == float("-inf")).all())
         assert torch.equal(dq, torch.zeros_like(q))
+
+
+@pytest.mark.parametrize("backend", [None, *_backend_params()])
+@pytest.mark.parametrize("where", ["q", "k"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_propagates_like_the_reference(backend, where, causal):
+    """A NaN in q poisons its row, a NaN in k every row that sees that key, also with fewer than 16 keys
+    (the blocks of ring attention), where ATen's CPU kernel returned a finite row. None: no forced backend."""
+    q, k, v, _ = _inputs(1, 5, 7, 2, 2, 8, torch.float32)
+    {"q": q, "k": k}[where][0, 1, 0, 3] = float("nan")
+    with mm_kernels.use_backend(backend):
+        out, lse = attention_with_lse(q, k, v, causal=causal)
+    ref_out, ref_lse = reference.attention_fwd(q.double(), k.double(), v.double(), causal, 8 ** -0.5)
+    assert ref_lse.isnan().any()
+    assert torch.equal(out.isnan(), ref_out.isnan())
+    assert torch.equal(lse.isnan(), ref_lse.isnan())
 
 
 def test_bad_inputs_raise_naming_the_argument():

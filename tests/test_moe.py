@@ -337,6 +337,8 @@ def test_bad_index_form_input_is_refused(backend):
             mm_kernels.moe_permute(tokens, indices.float())
         with pytest.raises(TypeError, match="tokens must be a floating-point"):
             mm_kernels.moe_permute(tokens.long(), indices)
+        with pytest.raises(ValueError, match=r"num_out_tokens must be >= -T\*K = -8"):
+            mm_kernels.moe_permute(tokens, indices, num_out_tokens=-9)
         permuted, sorted_indices = mm_kernels.moe_permute(tokens, indices)
         with pytest.raises(ValueError, match="probs must have shape"):
             mm_kernels.moe_unpermute(permuted, sorted_indices, torch.rand(4, 3))

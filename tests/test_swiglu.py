@@ -10,7 +10,7 @@ import mm_kernels
 from mm_kernels.nn import SwiGLUMLP
 from mm_kernels.nn.mlp import fuse_gate_up_state_dict, split_gate_up_state_dict
 from mm_kernels.reference import swiglu as reference
-from tests.helpers import DTYPES, assert_close, cpu_backends
+from tests.helpers import DTYPES, assert_close, cpu_backends, tolerance
 
 BACKENDS = [pytest.param(name, marks=pytest.mark.triton) if name == "triton" else name for name in cpu_backends()]
 
@@ -99,6 +99,22 @@ def test_large_magnitudes_and_nan(backend, dtype):
         y = mm_kernels.swiglu(x)
     assert torch.isnan(y[-1]) and not torch.isnan(y[:-1]).any()
     assert_close(y[:-1], reference.swiglu_fwd(x.double(), -1)[:-1], dtype, name="y")
+
+
+@pytest.mark.parametrize("backend", [None, *BACKENDS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_infinite_and_nan_gates_match_the_reference(backend, dtype):
+    """silu(-inf) = -inf * sigmoid(-inf) = -inf * 0 is NaN in torch; so is the gradient at +-inf. None: no
+    backend forced (the device's kernel)."""
+    special = torch.tensor([float("-inf"), float("inf"), float("nan"), -100.0, 100.0, 0.0])
+    x = torch.cat((special, torch.full_like(special, 2.0))).to(dtype).requires_grad_()
+    dy = torch.ones(6, dtype=dtype)
+    with mm_kernels.use_backend(backend):
+        y = mm_kernels.swiglu(x)
+        (dx,) = torch.autograd.grad(y, x, dy)
+    y_ref, dx_ref = _oracle(x.detach(), dy, -1)
+    torch.testing.assert_close(y.double(), y_ref, equal_nan=True, **tolerance(dtype))
+    torch.testing.assert_close(dx.double(), dx_ref, equal_nan=True, **tolerance(dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -124,7 +124,7 @@ def moe_permute(
     tokens [T, H] fp32/fp16/bf16/fp64, indices [T, K] or [T] int32/int64 expert ids ->
     (permuted [N, H] in tokens.dtype, sorted_indices [T * K] int32). Slot s = t * K + k goes to
     row sorted_indices[s]: expert-major, ascending token within an expert. N = num_out_tokens
-    if > 0, else T * K + num_out_tokens (0 keeps every slot); rows past N are dropped.
+    if > 0, else T * K + num_out_tokens (0 keeps every slot, -T * K none); rows past N are dropped.
     ``num_experts``, when given, bounds the expert ids. Differentiable in tokens.
     """
     check_float("tokens", tokens)
@@ -136,10 +136,14 @@ def moe_permute(
     check_same_device(tokens=tokens, indices=indices)
     if num_experts is not None and num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    slots, num_out_tokens = indices.numel(), int(num_out_tokens)
+    if num_out_tokens < -slots:
+        raise ValueError(f"num_out_tokens must be >= -T*K = {-slots} (T*K + num_out_tokens rows are kept), "
+                         f"got {num_out_tokens}")
     if indices.dim() == 1:
         indices = indices.unsqueeze(-1)
-    num_rows = num_kept_rows(indices.numel(), int(num_out_tokens))
-    return moe_permute_fwd(tokens, indices, num_rows, -1 if num_experts is None else int(num_experts))
+    return moe_permute_fwd(tokens, indices, num_kept_rows(slots, num_out_tokens),
+                           -1 if num_experts is None else int(num_experts))
 
 
 def moe_unpermute(
