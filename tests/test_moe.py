@@ -385,6 +385,21 @@ def test_bad_indices_are_refused_without_a_forced_backend():
         mm_kernels.moe_unpermute(permuted, sorted_indices + 1, torch.rand(4, 2))
 
 
+def test_accelerator_paths_never_read_values_on_the_host():
+    """On an accelerator the index checks and the reference backward must not sync with the host (so that
+    they can be captured in a CUDA graph): on meta tensors, which have no values, any host read raises."""
+    meta = torch.device("meta")
+    tokens, indices = torch.empty(6, 4, device=meta), torch.empty(6, 2, dtype=torch.int64, device=meta)
+    sorted_indices, probs = torch.empty(12, dtype=torch.int32, device=meta), torch.empty(6, 2, device=meta)
+    ops._check_permute(tokens, indices, 12, 4)
+    ops._check_unpermute(torch.empty(10, 4, device=meta), sorted_indices, probs, 6)
+    ops._check_gather(tokens, sorted_indices)
+    ops._check_combine(tokens, sorted_indices, None, 6)
+    dpermuted, dprobs = reference.unpermute_bwd(torch.empty(6, 4, device=meta), torch.empty(10, 4, device=meta),
+                                                sorted_indices, probs)
+    assert dpermuted.shape == (10, 4) and dprobs.shape == (6, 2)
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ kernels are not built")
 def test_cpu_operators_check_their_inputs():
     cpu = torch.ops.mm_kernels_cpu

@@ -7,7 +7,8 @@ Two forms (semantics in ``mm_kernels.reference.moe``):
   ``moe_utils.permute`` / ``moe_utils.unpermute``: :func:`moe_permute_with_routing_map` and
   :func:`moe_unpermute_with_routing_map` (also named :data:`megatron_permute` / :data:`megatron_unpermute`).
 Values that need the data (expert ids, row indices) are checked when the op runs, before any
-output is written; shapes and dtypes are checked before the op is called.
+output is written (on an accelerator as device assertions, without a host sync); shapes and dtypes
+are checked before the op is called.
 """
 
 from __future__ import annotations
@@ -27,9 +28,26 @@ _NOT_A_PERMUTATION = ("sorted_indices must be a permutation of [0, T*K) (a row a
                       "pass the sorted_indices returned by moe_permute")
 
 
+def _require(ok: Tensor, message: str) -> None:
+    """Raises ValueError(message) unless the 0-d bool ``ok`` is true; on an accelerator the check is an
+    asynchronous device assertion (no host sync, capturable in a CUDA graph)."""
+    if ok.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)
+
+
 def _check_values_in(name: str, values: Tensor, bound: int) -> None:
-    """Raises ValueError unless every element of ``values`` is in [0, bound) (bound < 0: no upper bound)."""
+    """Raises ValueError unless every element of ``values`` is in [0, bound) (bound < 0: no upper bound).
+
+    On CPU the message names the offending value; on an accelerator it is a device assertion.
+    """
     if values.numel() == 0:
+        return
+    if values.device.type != "cpu":
+        ok = values >= 0 if bound < 0 else (values >= 0) & (values < bound)
+        _require(ok.all(), f"{name} must be in [0, {bound if bound >= 0 else 'inf'})")
         return
     low, high = int(values.min()), int(values.max())
     if low < 0:
@@ -46,9 +64,9 @@ def _check_permute(tokens, indices, num_rows, num_experts):
 def _check_unpermute(permuted, sorted_indices, probs, num_tokens):
     slots = sorted_indices.numel()
     _check_values_in("sorted_indices", sorted_indices, slots)
-    hit = torch.zeros(slots, dtype=torch.bool, device=sorted_indices.device).index_fill_(0, sorted_indices.long(), True)
-    if not bool(hit.all()):
-        raise ValueError(_NOT_A_PERMUTATION)
+    rows = sorted_indices.long().clamp(0, max(slots - 1, 0))
+    hit = torch.zeros(slots, dtype=torch.bool, device=sorted_indices.device).index_fill_(0, rows, True)
+    _require(hit.all(), _NOT_A_PERMUTATION)
 
 
 def _check_gather(src, row_token):
