@@ -365,7 +365,7 @@ at::Tensor moe_gather(const at::Tensor& src_in, const at::Tensor& row_token_in) 
   constexpr const char* op = "moe_gather";
   check_tokens(op, "src", src_in);
   const at::Tensor row_token = index_as_long(op, "row_token", row_token_in);
-  check_range(op, "row_token", row_token.const_data_ptr<int64_t>(), row_token.numel(), src_in.size(0));
+  check_range(op, "sorted_indices (token rows)", row_token.const_data_ptr<int64_t>(), row_token.numel(), src_in.size(0));
   const at::Tensor src = src_in.contiguous();
   at::Tensor out = empty_huge_page_advised({row_token.numel(), src.size(1)}, src.options());
   MMK_DISPATCH_FLOAT_TYPES(src.scalar_type(), "mm_kernels_cpu::moe_gather", [&] {
@@ -385,7 +385,7 @@ at::Tensor moe_combine(const at::Tensor& src_in, const at::Tensor& row_token_in,
                     " elements (the rows of src), got ", row_token.numel());
   TORCH_CHECK_VALUE(num_tokens >= 0, "mm_kernels_cpu::", op, ": num_tokens must be >= 0, got ", num_tokens);
   const int64_t* token_of = row_token.const_data_ptr<int64_t>();
-  check_range(op, "row_token", token_of, rows, num_tokens);
+  check_range(op, "sorted_indices (token rows)", token_of, rows, num_tokens);
   std::optional<at::Tensor> weight;
   if (weight_in) weight = weights_as_float(op, "row_weight", *weight_in, rows);
   // Rows of each token, ascending (counting sort by token): first[t] .. first[t + 1] in order.
@@ -421,7 +421,7 @@ std::tuple<at::Tensor, at::Tensor> moe_combine_bwd(const at::Tensor& dout_in, co
   TORCH_CHECK_VALUE(row_token.numel() == rows, "mm_kernels_cpu::", op, ": row_token must have ", rows,
                     " elements (the rows of src), got ", row_token.numel());
   const int64_t* token_of = row_token.const_data_ptr<int64_t>();
-  check_range(op, "row_token", token_of, rows, dout_in.size(0));
+  check_range(op, "sorted_indices (token rows)", token_of, rows, dout_in.size(0));
   std::optional<at::Tensor> weight;
   if (weight_in) weight = weights_as_float(op, "row_weight", *weight_in, rows);
   const at::Tensor src = src_in.contiguous();

@@ -12,17 +12,13 @@ import mm_kernels
 from mm_kernels.nn import FusedRMSNorm
 from mm_kernels.ops import rms_norm as rms_norm_ops
 from mm_kernels.reference import rms_norm as reference
-from tests.helpers import DTYPES, assert_close, cpu_backends, device_for
+from tests.helpers import DTYPES, assert_close, backend_params, cpu_backends, device_for
 
 EPS = 1e-6
 CASTINGS = ("llama", "gemma", "none")
 
 
-def _backend_params() -> list:
-    return [pytest.param(b, marks=pytest.mark.triton) if b == "triton" else b for b in cpu_backends()]
-
-
-BACKENDS = _backend_params()
+BACKENDS = backend_params()
 
 
 def _inputs(shape, dtype, weight_dtype=None, seed=0):

@@ -10,9 +10,9 @@ import mm_kernels
 from mm_kernels.nn import SwiGLUMLP
 from mm_kernels.nn.mlp import fuse_gate_up_state_dict, split_gate_up_state_dict
 from mm_kernels.reference import swiglu as reference
-from tests.helpers import DTYPES, assert_close, cpu_backends, tolerance
+from tests.helpers import DTYPES, assert_close, backend_params, cpu_backends, tolerance
 
-BACKENDS = [pytest.param(name, marks=pytest.mark.triton) if name == "triton" else name for name in cpu_backends()]
+BACKENDS = backend_params()
 
 # (shape of x, dim): one row, 123 output columns, odd outer sizes, every dim of a 3-d tensor.
 CASES = [((1, 2), -1), ((5, 246), -1), ((3, 10, 7), 1), ((3, 10, 7), -2), ((6, 5, 3), 0), ((2, 3, 8), 2)]
@@ -101,7 +101,7 @@ def test_large_magnitudes_and_nan(backend, dtype):
     assert_close(y[:-1], reference.swiglu_fwd(x.double(), -1)[:-1], dtype, name="y")
 
 
-@pytest.mark.parametrize("backend", [None, *BACKENDS])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_infinite_and_nan_gates_match_the_reference(backend, dtype):
     """silu(-inf) = -inf * sigmoid(-inf) = -inf * 0 is NaN in torch; so is the gradient at +-inf. None: no

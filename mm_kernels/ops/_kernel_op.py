@@ -9,7 +9,9 @@ Each kernel declared in :mod:`mm_kernels.contract` becomes an operator with two 
   ``MM_KERNELS_BACKEND`` / ``use_backend`` and inputs of a dtype the fused kernels do not take (fp64),
   which run ``reference``.
 Both overloads share the fake implementation and the autograd formula. Calling a :class:`KernelOp`
-picks the overload; with no gradient to record it calls the device kernel below autograd.
+picks the overload. In eager mode, with plain tensors, a default-overload call goes straight to the
+device kernel below autograd, wrapped in an autograd.Function of the same formula when a gradient is
+to be recorded: this skips the dispatcher's Python autograd kernel, most of the per-call cost.
 """
 
 from __future__ import annotations
@@ -129,6 +131,22 @@ class KernelOp:
 
         torch.library.register_autograd(self.default, backward, setup_context=setup_default, lib=_LIB)
         torch.library.register_autograd(self.forced, backward_forced, setup_context=setup_forced, lib=_LIB)
+        default = self.default
+
+        class Eager(torch.autograd.Function):
+            """The default overload's autograd formula for eager calls: the device kernel's key set first."""
+
+            @staticmethod
+            def forward(ctx, keyset, *inputs):
+                output = default.redispatch(keyset, *inputs)
+                setup_default(ctx, inputs, output)
+                return output
+
+            @staticmethod
+            def backward(ctx, *grads):
+                return (None, *backward(ctx, *grads))
+
+        self._eager = Eager
 
     def __call__(self, *args: Any) -> Any:
         """Runs the operator on the forced backend, else on the device's kernel (fp64: the reference)."""
@@ -139,18 +157,18 @@ class KernelOp:
         """Runs the ``forced`` overload on ``backend``, or the ``default`` one when it is None."""
         if backend is not None:
             return self.forced(*args, backend)
-        keyset = None if torch.compiler.is_compiling() else self._below_autograd_keyset(args)
-        if keyset is not None:
-            return self.default.redispatch(keyset, *args)
-        return self.default(*args)
+        keyset = None if torch.compiler.is_compiling() else self._eager_keyset(args)
+        if keyset is None:
+            return self.default(*args)
+        if torch.is_grad_enabled() and any(args[i] is not None and args[i].requires_grad for i in self._tensor_args):
+            return self._eager.apply(keyset, *args)
+        return self.default.redispatch(keyset, *args)
 
-    def _below_autograd_keyset(self, args: tuple) -> torch._C.DispatchKeySet | None:
-        """The device kernel's key set when the call has nothing to record and no mode or transform
-        intercepts it (plain tensors only); else None (a normal dispatch)."""
+    def _eager_keyset(self, args: tuple) -> torch._C.DispatchKeySet | None:
+        """The device kernel's key set for an eager call on plain tensors that no mode or transform
+        intercepts; else None (a normal dispatch)."""
         first = args[0]
         if (type(first) is not Tensor or torch._C._len_torch_dispatch_stack()
                 or torch._C._are_functorch_transforms_active()):
-            return None
-        if torch.is_grad_enabled() and any(args[i] is not None and args[i].requires_grad for i in self._tensor_args):
             return None
         return _BELOW_AUTOGRAD.get(first.device.type)
