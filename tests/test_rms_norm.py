@@ -206,6 +206,13 @@ def test_triton_rows_longer_than_one_block(monkeypatch):
     assert_close(y, _oracle(summed, weight, dy)[0], torch.float32, name="y")
 
 
+@pytest.mark.triton
+def test_triton_backward_programs_with_several_row_tiles():
+    """More rows than backward programs x rows per tile: each program loops over tiles of its rows."""
+    x, weight, dy = _inputs((1000, 2048), torch.bfloat16)
+    _check_against_oracle(_run("triton", x, weight, dy), _oracle(x, weight, dy), torch.bfloat16, rows=1000)
+
+
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
