@@ -24,22 +24,32 @@ from mm_kernels._extension import cpu_extension, cpu_extension_error
 
 BACKENDS = ("reference", "cpu", "triton", "npu")
 ENV_VAR = "MM_KERNELS_BACKEND"
+# MM_KERNELS_DEBUG=1: index values on accelerators are checked on the host, with a clear error naming the
+# argument, at the cost of a device sync per call (by default they are asynchronous device assertions).
+DEBUG_ENV_VAR = "MM_KERNELS_DEBUG"
 
 # The backend forced by use_backend in the current context (thread, asyncio task).
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("mm_kernels_forced_backend", default=None)
 _env_forced: str | None = None
+_host_checks = False
 _warned: set[tuple[str, str]] = set()
 # The backend each device type prefers; other device types prefer triton.
 _PREFERRED = {"cpu": "cpu", "npu": "npu"}
 
 
 def read_environment() -> None:
-    """(Re-)reads ``MM_KERNELS_BACKEND``; mm_kernels calls this once, on import."""
-    global _env_forced
+    """(Re-)reads ``MM_KERNELS_BACKEND`` and ``MM_KERNELS_DEBUG``; mm_kernels calls this once, on import."""
+    global _env_forced, _host_checks
     _env_forced = os.environ.get(ENV_VAR) or None
+    _host_checks = os.environ.get(DEBUG_ENV_VAR, "0") not in ("", "0")
 
 
 read_environment()
+
+
+def host_checks() -> bool:
+    """True when values on accelerators are checked on the host (``MM_KERNELS_DEBUG=1``)."""
+    return _host_checks
 
 
 def triton_interpreted() -> bool:

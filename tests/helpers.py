@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 
-import pytest
 import torch
 
 from mm_kernels.dispatch import backends
@@ -38,6 +37,8 @@ def cpu_backends() -> list[str]:
 def backend_params(with_triton: bool = True) -> list:
     """pytest params of the backends to test on CPU tensors: ``default`` (None: no backend forced, the
     device's own kernel through the dispatcher), then every CPU-runnable backend (triton marked)."""
+    import pytest  # only here: benchmarks/gpu_check.py imports this module where pytest may be missing
+
     names = [b for b in cpu_backends() if with_triton or b != "triton"]
     return [pytest.param(None, id="default"),
             *(pytest.param(b, marks=pytest.mark.triton) if b == "triton" else b for b in names)]

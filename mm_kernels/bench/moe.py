@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mm_kernels.bench.harness import BenchCase
+from mm_kernels.bench.harness import BenchCase, timings
 from mm_kernels.ops.moe import moe_permute, moe_unpermute
 from mm_kernels.reference import moe as reference
 
@@ -79,7 +79,8 @@ def cases(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool = Fal
                                     bytes_moved=(num_tokens + slots) * row, mode="permute"))
             result.append(BenchCase(KERNEL, "fwd", shape, dtype, make_unpermute, _ours_unpermute, _eager_unpermute,
                                     bytes_moved=(num_tokens + slots) * row, mode="unpermute"))
-            for timing, traffic in (("bwd", 2 * num_tokens + 3 * slots), ("fwd+bwd", 4 * num_tokens + 5 * slots)):
+            traffic = {"bwd": 2 * num_tokens + 3 * slots, "fwd+bwd": 4 * num_tokens + 5 * slots}
+            for timing in timings(device)[1:]:
                 result.append(BenchCase(KERNEL, timing, shape, dtype, make_round_trip, _ours_round_trip,
-                                        _eager_round_trip, bytes_moved=traffic * row, grad_of=(0, 2)))
+                                        _eager_round_trip, bytes_moved=traffic[timing] * row, grad_of=(0, 2)))
     return result

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import mm_kernels
 from mm_kernels.bench import liger
-from mm_kernels.bench.harness import BenchCase
+from mm_kernels.bench.harness import BenchCase, timings
 
 KERNEL = "rmsnorm"
 EPS = 1e-6
@@ -48,11 +48,12 @@ def cases(device: torch.device, dtypes: list[torch.dtype], quick: bool) -> list[
         for dtype in dtypes:
             size = dtype.itemsize
             tensor = rows * hidden * size
-            for timing, traffic in (("fwd", 2 * tensor + hidden * size), ("bwd", 3 * tensor + 2 * hidden * size),
-                                    ("fwd+bwd", 5 * tensor + 3 * hidden * size)):
+            traffic = {"fwd": 2 * tensor + hidden * size, "bwd": 3 * tensor + 2 * hidden * size,
+                       "fwd+bwd": 5 * tensor + 3 * hidden * size}
+            for timing in timings(device):
                 found.append(BenchCase(
                     kernel=KERNEL, timing=timing, shape=f"[{rows}, {hidden}]", dtype=dtype,
                     make_inputs=_inputs(rows, hidden, dtype, device), ours=_ours, eager=_eager,
-                    liger=liger.rms_norm(device, EPS), bytes_moved=traffic, grad_of=(0, 1),
+                    liger=liger.rms_norm(device, EPS), bytes_moved=traffic[timing], grad_of=(0, 1),
                 ))
     return found

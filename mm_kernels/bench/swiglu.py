@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mm_kernels.bench import liger
-from mm_kernels.bench.harness import BenchCase
+from mm_kernels.bench.harness import BenchCase, timings
 from mm_kernels.ops.swiglu import swiglu, swiglu_pair
 
 KERNEL = "swiglu"
@@ -60,14 +60,14 @@ def cases(device: torch.device, dtypes: Sequence[torch.dtype], quick: bool = Fal
     for dtype in dtypes:
         for tokens, width in QUICK_SHAPES if quick else SHAPES:
             half = tokens * width // 2 * dtype.itemsize
-            for timing, units in traffic.items():
+            for timing in timings(device):
                 result.append(BenchCase(KERNEL, timing, f"[{tokens}, {width}] -> [{tokens}, {width // 2}]", dtype,
                                         _make([(tokens, width)], dtype, device), _ours, _eager,
-                                        liger=_liger_halves(device), bytes_moved=units * half, grad_of=(0,)))
+                                        liger=_liger_halves(device), bytes_moved=traffic[timing] * half, grad_of=(0,)))
         for tokens, ffn in [] if quick else PAIR_SHAPES:
             half = tokens * ffn * dtype.itemsize
-            for timing, units in traffic.items():
+            for timing in timings(device):
                 result.append(BenchCase(KERNEL, timing, f"pair 2 x [{tokens}, {ffn}]", dtype,
                                         _make([(tokens, ffn)] * 2, dtype, device), swiglu_pair, _eager_pair,
-                                        liger=liger.silu_mul(device), bytes_moved=units * half, grad_of=(0, 1)))
+                                        liger=liger.silu_mul(device), bytes_moved=traffic[timing] * half, grad_of=(0, 1)))
     return result

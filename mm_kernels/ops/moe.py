@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from mm_kernels import contract
+from mm_kernels.dispatch import host_checks
 from mm_kernels.ops._checks import check_float, check_index, check_same_device, check_shape
 from mm_kernels.ops._kernel_op import KernelOp
 from mm_kernels.reference.moe import num_kept_rows
@@ -28,10 +29,15 @@ _NOT_A_PERMUTATION = ("sorted_indices must be a permutation of [0, T*K) (a row a
                       "pass the sorted_indices returned by moe_permute")
 
 
+def _on_host(t: Tensor) -> bool:
+    """Whether checks of ``t``'s values run on the host: CPU tensors, or any with ``MM_KERNELS_DEBUG=1``."""
+    return t.device.type == "cpu" or host_checks()
+
+
 def _require(ok: Tensor, message: str) -> None:
     """Raises ValueError(message) unless the 0-d bool ``ok`` is true; on an accelerator the check is an
-    asynchronous device assertion (no host sync, capturable in a CUDA graph)."""
-    if ok.device.type == "cpu":
+    asynchronous device assertion (no host sync, capturable in a CUDA graph) unless MM_KERNELS_DEBUG=1."""
+    if _on_host(ok):
         if not bool(ok):
             raise ValueError(message)
     else:
@@ -41,11 +47,11 @@ def _require(ok: Tensor, message: str) -> None:
 def _check_values_in(name: str, values: Tensor, bound: int) -> None:
     """Raises ValueError unless every element of ``values`` is in [0, bound) (bound < 0: no upper bound).
 
-    On CPU the message names the offending value; on an accelerator it is a device assertion.
+    On the host the message names the offending value; on an accelerator it is a device assertion.
     """
     if values.numel() == 0:
         return
-    if values.device.type != "cpu":
+    if not _on_host(values):
         ok = values >= 0 if bound < 0 else (values >= 0) & (values < bound)
         _require(ok.all(), f"{name} must be in [0, {bound if bound >= 0 else 'inf'})")
         return
