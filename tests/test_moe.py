@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import mm_kernels
+from mm_kernels import dispatch
 from mm_kernels.ops import moe as ops
 from mm_kernels.reference import moe as reference
 from tests.helpers import DTYPES, assert_close, backend_params, cpu_backends
@@ -400,6 +401,19 @@ def test_accelerator_paths_never_read_values_on_the_host():
     dpermuted, dprobs = reference.unpermute_bwd(torch.empty(6, 4, device=meta), torch.empty(10, 4, device=meta),
                                                 sorted_indices, probs)
     assert dpermuted.shape == (10, 4) and dprobs.shape == (6, 2)
+
+
+def test_debug_switch_checks_accelerator_values_on_the_host(monkeypatch):
+    """MM_KERNELS_DEBUG=1 reads index values on the host (here: meta tensors, which have none, so it raises)."""
+    monkeypatch.setenv(dispatch.DEBUG_ENV_VAR, "1")
+    dispatch.read_environment()
+    try:
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            ops._check_permute(torch.empty(6, 4, device="meta"), torch.empty(6, 2, dtype=torch.int64, device="meta"),
+                               12, 4)
+    finally:
+        monkeypatch.undo()
+        dispatch.read_environment()
 
 
 @pytest.mark.skipif(not CPP_BUILT, reason="the C++ kernels are not built")
