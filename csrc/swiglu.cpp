@@ -5,24 +5,29 @@
 //     [outer, 2, n] (n = half size * the sizes after dim), a = x[:, 0], b = x[:, 1], y is [outer, n].
 //   swiglu_pair_fwd(gate, up): a = gate, b = up, one row of numel elements.
 // The work is cut into tiles (one row, up to kTileElems columns) run by at::parallel_for; each
-// tile is a contiguous span handled by an MMK_VECTORIZED loop. The backward recomputes silu from
-// the input: da = dy * b * s * (1 + a * (1 - s)), db = dy * a * s with s = sigmoid(a).
+// tile is a contiguous span handled by an MMK_VECTORIZED loop. Outputs larger than the caches are
+// computed into an L1 buffer per tile and written with non-temporal stores (stream_store.h). The
+// backward recomputes silu from the input: da = dy * b * s * (1 + a * (1 - s)), db = dy * a * s
+// with s = sigmoid(a).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
+#include "avx512_bf16.h"
 #include "activation_math.h"
 #include "cpu_dispatch.h"
 #include "dispatch_types.h"
 #include "dtype_convert.h"
 #include "huge_page_alloc.h"
+#include "stream_store.h"
 
 namespace mmk {
 namespace {
 
-constexpr int64_t kTileElems = 8192;
+// Columns per tile: two fp32 output buffers of a tile (32 KiB) stay in L1.
+constexpr int64_t kTileElems = 4096;
 constexpr int64_t kMinElemsPerTask = 32768;
 
 template <typename T>
@@ -69,6 +74,19 @@ MMK_VECTORIZED void bwd_kernel(const c10::Half* dy, const c10::Half* a, const c1
   bwd_span(dy, a, b, da, db, n);
 }
 
+// The element loops of a tile: the AVX-512 intrinsics where the CPU has them, else the clones above.
+template <typename T>
+void fwd_tile(const T* a, const T* b, T* y, int64_t n) {
+  if (avx512::supported()) return avx512::silu_mul(a, b, y, n);
+  fwd_kernel(a, b, y, n);
+}
+
+template <typename T>
+void bwd_tile(const T* dy, const T* a, const T* b, T* da, T* db, int64_t n) {
+  if (avx512::supported()) return avx512::silu_mul_bwd(dy, a, b, da, db, n);
+  bwd_kernel(dy, a, b, da, db, n);
+}
+
 // Rows of a and b (and of their gradients) sit `in_stride` elements apart; rows of y and dy `n` apart.
 struct Layout {
   int64_t rows;
@@ -76,9 +94,10 @@ struct Layout {
   int64_t in_stride;
 };
 
-// Calls fn(row, column, length) for every tile of a [rows, n] layout, in parallel.
+// Calls fn(row, column, length) for every tile of a [rows, n] layout, in parallel; with `streaming`
+// each task ends with a store fence.
 template <typename Fn>
-void for_each_tile(const Layout& layout, const Fn& fn) {
+void for_each_tile(const Layout& layout, bool streaming, const Fn& fn) {
   if (layout.rows == 0 || layout.n == 0) return;
   const int64_t tile = std::min(layout.n, kTileElems);
   const int64_t tiles_per_row = (layout.n + tile - 1) / tile;
@@ -89,7 +108,29 @@ void for_each_tile(const Layout& layout, const Fn& fn) {
       const int64_t col = (t % tiles_per_row) * tile;
       fn(row, col, std::min(tile, layout.n - col));
     }
+    if (streaming) stream_fence();
   });
+}
+
+// compute(out) writes `len` elements of a tile: straight to dst, or with `streaming` into an L1
+// buffer that is then streamed to dst.
+template <typename T, typename Compute>
+void write_tile(T* dst, int64_t len, bool streaming, const Compute& compute) {
+  if (!streaming) return compute(dst);
+  alignas(64) T buf[kTileElems];
+  compute(buf);
+  stream_copy(dst, buf, len * sizeof(T));
+}
+
+// The same for a tile with two outputs, compute(out_a, out_b).
+template <typename T, typename Compute>
+void write_tile_pair(T* dst_a, T* dst_b, int64_t len, bool streaming, const Compute& compute) {
+  if (!streaming) return compute(dst_a, dst_b);
+  alignas(64) T buf_a[kTileElems];
+  alignas(64) T buf_b[kTileElems];
+  compute(buf_a, buf_b);
+  stream_copy(dst_a, buf_a, len * sizeof(T));
+  stream_copy(dst_b, buf_b, len * sizeof(T));
 }
 
 void check_dtype(const char* name, const at::Tensor& t) {
@@ -128,12 +169,14 @@ at::Tensor swiglu_fwd(const at::Tensor& x_in, int64_t dim) {
   const Layout layout = halves_layout(x_in, dim, &out_shape);
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = empty_huge_page_advised(out_shape, x.options());
+  const bool streaming = use_streaming_stores(y.nbytes());
   MMK_DISPATCH_FLOAT_TYPES(x.scalar_type(), "mm_kernels_cpu::swiglu_fwd", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    for_each_tile(layout, [&](int64_t row, int64_t col, int64_t len) {
+    for_each_tile(layout, streaming, [&](int64_t row, int64_t col, int64_t len) {
       const scalar_t* a = xp + row * layout.in_stride + col;
-      fwd_kernel(a, a + layout.n, yp + row * layout.n + col, len);
+      write_tile(yp + row * layout.n + col, len, streaming,
+                 [&](scalar_t* out) { fwd_tile(a, a + layout.n, out, len); });
     });
   });
   return y;
@@ -147,13 +190,16 @@ at::Tensor swiglu_bwd(const at::Tensor& dy_in, const at::Tensor& x_in, int64_t d
   const at::Tensor x = x_in.contiguous();
   const at::Tensor dy = dy_in.contiguous();
   at::Tensor dx = empty_huge_page_advised(x.sizes(), x.options());
+  const bool streaming = use_streaming_stores(dx.nbytes());
   MMK_DISPATCH_FLOAT_TYPES(x.scalar_type(), "mm_kernels_cpu::swiglu_bwd", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    for_each_tile(layout, [&](int64_t row, int64_t col, int64_t len) {
+    for_each_tile(layout, streaming, [&](int64_t row, int64_t col, int64_t len) {
       const int64_t in = row * layout.in_stride + col;
-      bwd_kernel(dyp + row * layout.n + col, xp + in, xp + in + layout.n, dxp + in, dxp + in + layout.n, len);
+      write_tile_pair(dxp + in, dxp + in + layout.n, len, streaming, [&](scalar_t* da, scalar_t* db) {
+        bwd_tile(dyp + row * layout.n + col, xp + in, xp + in + layout.n, da, db, len);
+      });
     });
   });
   return dx;
@@ -166,11 +212,14 @@ at::Tensor swiglu_pair_fwd(const at::Tensor& gate_in, const at::Tensor& up_in) {
   const at::Tensor up = up_in.contiguous();
   at::Tensor y = empty_huge_page_advised(gate.sizes(), gate.options());
   const Layout layout{1, gate.numel(), 0};
+  const bool streaming = use_streaming_stores(y.nbytes());
   MMK_DISPATCH_FLOAT_TYPES(gate.scalar_type(), "mm_kernels_cpu::swiglu_pair_fwd", [&] {
     const scalar_t* ap = gate.const_data_ptr<scalar_t>();
     const scalar_t* bp = up.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    for_each_tile(layout, [&](int64_t, int64_t col, int64_t len) { fwd_kernel(ap + col, bp + col, yp + col, len); });
+    for_each_tile(layout, streaming, [&](int64_t, int64_t col, int64_t len) {
+      write_tile(yp + col, len, streaming, [&](scalar_t* out) { fwd_tile(ap + col, bp + col, out, len); });
+    });
   });
   return y;
 }
@@ -186,14 +235,17 @@ std::tuple<at::Tensor, at::Tensor> swiglu_pair_bwd(const at::Tensor& dy_in, cons
   at::Tensor dgate = empty_huge_page_advised(gate.sizes(), gate.options());
   at::Tensor dup = empty_huge_page_advised(gate.sizes(), gate.options());
   const Layout layout{1, gate.numel(), 0};
+  const bool streaming = use_streaming_stores(dgate.nbytes());
   MMK_DISPATCH_FLOAT_TYPES(gate.scalar_type(), "mm_kernels_cpu::swiglu_pair_bwd", [&] {
     const scalar_t* ap = gate.const_data_ptr<scalar_t>();
     const scalar_t* bp = up.const_data_ptr<scalar_t>();
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     scalar_t* dap = dgate.mutable_data_ptr<scalar_t>();
     scalar_t* dbp = dup.mutable_data_ptr<scalar_t>();
-    for_each_tile(layout, [&](int64_t, int64_t col, int64_t len) {
-      bwd_kernel(dyp + col, ap + col, bp + col, dap + col, dbp + col, len);
+    for_each_tile(layout, streaming, [&](int64_t, int64_t col, int64_t len) {
+      write_tile_pair(dap + col, dbp + col, len, streaming, [&](scalar_t* da, scalar_t* db) {
+        bwd_tile(dyp + col, ap + col, bp + col, da, db, len);
+      });
     });
   });
   return {dgate, dup};

@@ -176,6 +176,23 @@ def test_fp64_runs_the_reference_on_every_backend():
             torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("hidden", [4096, 4097], ids=["aligned", "unaligned"])
+def test_cpu_outputs_larger_than_the_caches(hidden):
+    """Outputs of 8 MiB and more are written with non-temporal stores from an L1 buffer (rows of an odd
+    width start unaligned): the same values as the cached path's oracle, for fwd, bwd and the residual add."""
+    if "cpu" not in cpu_backends():
+        pytest.skip("the C++ extension is not built")
+    rows = 1024
+    x, weight, dy = _inputs((rows, hidden), torch.bfloat16)
+    assert x.nbytes >= 8 << 20
+    _check_against_oracle(_run("cpu", x, weight, dy), _oracle(x, weight, dy), torch.bfloat16, rows=rows)
+    residual = _inputs((rows, hidden), torch.bfloat16, seed=1)[0]
+    with mm_kernels.use_backend("cpu"):
+        y, _, summed = mm_kernels.add_rms_norm(x, residual, weight, EPS)
+    assert torch.equal(summed, x + residual)
+    assert_close(y, _oracle(summed, weight, dy)[0], torch.bfloat16, name="y")
+
+
 def test_weight_gradient_bits_do_not_depend_on_thread_count():
     if "cpu" not in cpu_backends():
         pytest.skip("the C++ extension is not built")
