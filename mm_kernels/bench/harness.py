@@ -82,22 +82,27 @@ class BenchResult:
     peak_mem_mb: float | None
 
 
-def _cpu_median_ms(fn: Callable[[], Any], min_samples: int = 15, min_seconds: float = 0.5,
-                   sample_seconds: float = 2e-3) -> float:
-    """Median CPU wall time of one ``fn()`` in ms; short calls are timed in batches of ~``sample_seconds``."""
-    for _ in range(3):
-        fn()
-    t0 = time.perf_counter()
-    fn()
-    batch = max(1, int(sample_seconds / max(time.perf_counter() - t0, 1e-9)))
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 200 and (len(times) < min_samples or time.perf_counter() - start < min_seconds):
-        t0 = time.perf_counter()
-        for _ in range(batch):
+def _cpu_medians_ms(fns: Sequence[Callable[[], Any]], min_samples: int = 15, min_seconds: float = 0.5,
+                    sample_seconds: float = 2e-3) -> list[float]:
+    """Median CPU wall time of one call of each of ``fns`` in ms. The functions are timed in turn, sample
+    after sample, so that they see the same load on a shared machine; short calls in batches of
+    ~``sample_seconds``."""
+    batches = []
+    for fn in fns:
+        for _ in range(3):
             fn()
-        times.append((time.perf_counter() - t0) * 1e3 / batch)
-    return statistics.median(times)
+        t0 = time.perf_counter()
+        fn()
+        batches.append(max(1, int(sample_seconds / max(time.perf_counter() - t0, 1e-9))))
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < 200 and (len(times[0]) < min_samples or time.perf_counter() - start < min_seconds):
+        for fn, batch, samples in zip(fns, batches, times, strict=True):
+            t0 = time.perf_counter()
+            for _ in range(batch):
+                fn()
+            samples.append((time.perf_counter() - t0) * 1e3 / batch)
+    return [statistics.median(samples) for samples in times]
 
 
 def _cuda_median_ms(fn: Callable[[], Any]) -> float:
@@ -127,22 +132,25 @@ def median_ms(fn: Callable[[], Any], device: torch.device) -> float:
     """Median time of one ``fn()`` in ms on ``device`` (wall time on CPU, device time on CUDA)."""
     if device.type == "cuda":
         return _cuda_median_ms(fn)
-    return _cpu_median_ms(fn)
+    return _cpu_medians_ms([fn])[0]
 
 
-_copy_cache: dict[tuple[str, int], float] = {}
+def _copy(nbytes: int, device: torch.device) -> tuple[Callable[[], Any], int]:
+    """``dst.copy_(src)`` of fp32 tensors moving about ``nbytes`` (read + written), and the bytes it moves."""
+    numel = max(nbytes // 2 // 4, 1)
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), 2 * numel * 4
+
+
+def _gbps(nbytes: int, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9
 
 
 def copy_bandwidth_gbps(nbytes: int, device: torch.device) -> float:
     """Achieved GB/s (bytes read + written) of ``dst.copy_(src)`` moving ``nbytes`` in total."""
-    key = (str(device), nbytes)
-    if key not in _copy_cache:
-        numel = max(nbytes // 2 // 4, 1)
-        src = torch.randn(numel, device=device)
-        dst = torch.empty_like(src)
-        ms = median_ms(lambda: dst.copy_(src), device)
-        _copy_cache[key] = 2 * numel * 4 / (ms * 1e-3) / 1e9
-    return _copy_cache[key]
+    copy, moved = _copy(nbytes, device)
+    return _gbps(moved, median_ms(copy, device))
 
 
 def _timed(forward: Callable[..., torch.Tensor], case: BenchCase, inputs: Sequence[Any]) -> Callable[[], Any]:
@@ -179,7 +187,14 @@ def run_case(case: BenchCase, device: torch.device, with_compile: bool = True) -
     """Times ``case`` on ``device``: ours, the eager baseline, torch.compile of it and Liger-Kernel's."""
     inputs = case.make_inputs()
     ours = _timed(case.ours, case, inputs)
-    ours_ms = median_ms(ours, device)
+    copy_gbps = None
+    if case.bytes_moved and device.type == "cpu":
+        # Ours and the copy timed in turn: on a shared machine both see the same load.
+        copy, moved = _copy(case.bytes_moved, device)
+        ours_ms, copy_ms = _cpu_medians_ms([ours, copy])
+        copy_gbps = _gbps(moved, copy_ms)
+    else:
+        ours_ms = median_ms(ours, device)
     eager_ms = median_ms(_timed(case.eager, case, inputs), device)
     compile_ms = liger_ms = None
     if with_compile:
@@ -188,10 +203,10 @@ def run_case(case: BenchCase, device: torch.device, with_compile: bool = True) -
         compile_ms = median_ms(_timed(compiled, case, inputs), device)
     if case.liger is not None:
         liger_ms = median_ms(_timed(case.liger, case, case.make_inputs()), device)
-    gbps = copy_gbps = pct = None
+    gbps = pct = None
     if case.bytes_moved:
-        gbps = case.bytes_moved / (ours_ms * 1e-3) / 1e9
-        copy_gbps = copy_bandwidth_gbps(case.bytes_moved, device)
+        gbps = _gbps(case.bytes_moved, ours_ms)
+        copy_gbps = copy_gbps or copy_bandwidth_gbps(case.bytes_moved, device)
         pct = 100.0 * gbps / copy_gbps
     return BenchResult(
         kernel=case.kernel,
