@@ -1,5 +1,8 @@
 """Backend discovery, forcing (environment, use_backend in threads), fallback, and the dispatcher's device kernels."""
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -137,6 +140,36 @@ def test_fp64_runs_the_reference_even_when_a_backend_is_forced():
         with mm_kernels.use_backend(backend):
             torch.testing.assert_close(rms_norm_ops.rms_norm_fwd(x, None, 1e-6, "llama", 0.0)[0], expected,
                                        atol=0, rtol=0)
+
+
+_WITHOUT_CPP = """
+import sys, warnings
+sys.modules["mm_kernels._C"] = None  # as if the extension were not built
+import torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import mm_kernels
+    from mm_kernels.reference import rms_norm, swiglu
+    x = torch.randn(4, 8)
+    assert torch.equal(mm_kernels.rms_norm(x), rms_norm.rms_norm_fwd(x, None, 1e-6, "llama", 0.0)[0])
+    assert torch.equal(mm_kernels.swiglu(x), swiglu.swiglu_fwd(x, 1))
+    mm_kernels.moe_unpermute(*mm_kernels.moe_permute(x, torch.tensor([[0], [1], [0], [1]])))
+    if mm_kernels.backends()["triton"]:
+        with mm_kernels.use_backend("triton"):
+            torch.testing.assert_close(mm_kernels.swiglu(x), swiglu.swiglu_fwd(x, 1))
+assert not mm_kernels.backends()["cpu"]
+warned = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+assert len(warned) == 1 and "backend 'cpu' is not available for cpu tensors" in warned[0], warned
+"""
+
+
+def test_without_the_cpp_extension_cpu_calls_run_the_reference_with_one_warning():
+    """A source tree without mm_kernels._C (e.g. on a GPU machine): importing works, CPU calls of every op
+    run the reference after one warning for the whole process, and Triton still runs."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop(dispatch.ENV_VAR, None)
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_CPP], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_info_command_prints_backends(capsys):
