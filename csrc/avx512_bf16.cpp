@@ -66,6 +66,35 @@ MMK_AVX512_INLINE void store(c10::Half* p, __m512 v, __mmask16 m) {
   store16_bits(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), m);
 }
 
+// A full vector written with a non-temporal store where the destination is aligned for one (the
+// line is not read first), else stored normally.
+MMK_AVX512_INLINE void stream(float* p, __m512 v) {
+  if (reinterpret_cast<uintptr_t>(p) % 64 == 0) return _mm512_stream_ps(p, v);
+  _mm512_storeu_ps(p, v);
+}
+MMK_AVX512_INLINE void stream16_bits(void* p, __m256i v) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 == 0) return _mm256_stream_si256(static_cast<__m256i*>(p), v);
+  _mm256_storeu_si256(static_cast<__m256i*>(p), v);
+}
+MMK_AVX512_INLINE void stream(c10::BFloat16* p, __m512 v) {
+  stream16_bits(p, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+MMK_AVX512_INLINE void stream(c10::Half* p, __m512 v) {
+  stream16_bits(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// Stores 16 outputs: the lanes of m, or with kStreaming a full vector through a non-temporal store.
+template <bool kStreaming, typename T>
+MMK_AVX512_INLINE void put(T* p, __m512 v, __mmask16 m) {
+  if constexpr (kStreaming) {
+    if (m == kFull) return stream(p, v);
+  }
+  store(p, v, m);
+}
+
+// Elements the SwiGLU loops prefetch ahead in each input: reads stay in flight during the arithmetic.
+constexpr int64_t kPrefetchElems = 1024;
+
 // exp(t) within 2 ulp (Cephes expf polynomial); 0 below -104, inf above 88.72, NaN stays NaN.
 MMK_AVX512_INLINE __m512 exp(__m512 t) {
   // max/min return their second operand when one is NaN: NaN passes through.
@@ -93,35 +122,52 @@ MMK_AVX512_INLINE __m512 sigmoid(__m512 x) {
 // The first `left` (< 16) lanes.
 MMK_AVX512_INLINE __mmask16 tail_mask(int64_t left) { return __mmask16((1u << left) - 1u); }
 
-template <typename T>
+template <bool kStreaming, typename T>
 MMK_AVX512_INLINE void silu_mul16(const T* a, const T* b, T* y, __mmask16 m) {
   const __m512 x = load(a, m);
-  store(y, _mm512_mul_ps(_mm512_mul_ps(x, sigmoid(x)), load(b, m)), m);
+  put<kStreaming>(y, _mm512_mul_ps(_mm512_mul_ps(x, sigmoid(x)), load(b, m)), m);
 }
 
-template <typename T>
+template <bool kStreaming, typename T>
 MMK_AVX512_INLINE void silu_mul_bwd16(const T* dy, const T* a, const T* b, T* da, T* db, __mmask16 m) {
   const __m512 x = load(a, m);
   const __m512 g = load(dy, m);
   const __m512 s = sigmoid(x);
   const __m512 silu = _mm512_mul_ps(x, s);
   const __m512 dsilu = _mm512_fmadd_ps(silu, _mm512_sub_ps(_mm512_set1_ps(1.0f), s), s);  // s + silu * (1 - s)
-  store(da, _mm512_mul_ps(_mm512_mul_ps(g, load(b, m)), dsilu), m);
-  store(db, _mm512_mul_ps(g, silu), m);
+  put<kStreaming>(da, _mm512_mul_ps(_mm512_mul_ps(g, load(b, m)), dsilu), m);
+  put<kStreaming>(db, _mm512_mul_ps(g, silu), m);
 }
 
-template <typename T>
+MMK_AVX512_INLINE void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
+template <bool kStreaming, typename T>
 MMK_AVX512 void silu_mul_loop(const T* a, const T* b, T* y, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) silu_mul16(a + i, b + i, y + i, kFull);
-  if (i < n) silu_mul16(a + i, b + i, y + i, tail_mask(n - i));
+  for (; i + 32 <= n; i += 32) {
+    prefetch(a + i + kPrefetchElems);
+    prefetch(b + i + kPrefetchElems);
+    silu_mul16<kStreaming>(a + i, b + i, y + i, kFull);
+    silu_mul16<kStreaming>(a + i + 16, b + i + 16, y + i + 16, kFull);
+  }
+  for (; i < n; i += 16) silu_mul16<kStreaming>(a + i, b + i, y + i, n - i >= 16 ? kFull : tail_mask(n - i));
+  if constexpr (kStreaming) _mm_sfence();
 }
 
-template <typename T>
+template <bool kStreaming, typename T>
 MMK_AVX512 void silu_mul_bwd_loop(const T* dy, const T* a, const T* b, T* da, T* db, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) silu_mul_bwd16(dy + i, a + i, b + i, da + i, db + i, kFull);
-  if (i < n) silu_mul_bwd16(dy + i, a + i, b + i, da + i, db + i, tail_mask(n - i));
+  for (; i + 32 <= n; i += 32) {
+    prefetch(dy + i + kPrefetchElems);
+    prefetch(a + i + kPrefetchElems);
+    prefetch(b + i + kPrefetchElems);
+    silu_mul_bwd16<kStreaming>(dy + i, a + i, b + i, da + i, db + i, kFull);
+    silu_mul_bwd16<kStreaming>(dy + i + 16, a + i + 16, b + i + 16, da + i + 16, db + i + 16, kFull);
+  }
+  for (; i < n; i += 16) {
+    silu_mul_bwd16<kStreaming>(dy + i, a + i, b + i, da + i, db + i, n - i >= 16 ? kFull : tail_mask(n - i));
+  }
+  if constexpr (kStreaming) _mm_sfence();
 }
 
 // x rounded to bf16 and back.
@@ -215,13 +261,15 @@ MMK_AVX512 void grad_row(const c10::BFloat16* dy, const c10::BFloat16* x, const 
 }
 
 template <typename T>
-void silu_mul(const T* a, const T* b, T* y, int64_t n) {
-  silu_mul_loop(a, b, y, n);
+void silu_mul(const T* a, const T* b, T* y, int64_t n, bool streaming) {
+  if (streaming) return silu_mul_loop<true>(a, b, y, n);
+  silu_mul_loop<false>(a, b, y, n);
 }
 
 template <typename T>
-void silu_mul_bwd(const T* dy, const T* a, const T* b, T* da, T* db, int64_t n) {
-  silu_mul_bwd_loop(dy, a, b, da, db, n);
+void silu_mul_bwd(const T* dy, const T* a, const T* b, T* da, T* db, int64_t n, bool streaming) {
+  if (streaming) return silu_mul_bwd_loop<true>(dy, a, b, da, db, n);
+  silu_mul_bwd_loop<false>(dy, a, b, da, db, n);
 }
 
 #else
@@ -229,10 +277,10 @@ void silu_mul_bwd(const T* dy, const T* a, const T* b, T* da, T* db, int64_t n) 
 bool supported() { return false; }
 
 template <typename T>
-void silu_mul(const T*, const T*, T*, int64_t) {}
+void silu_mul(const T*, const T*, T*, int64_t, bool) {}
 
 template <typename T>
-void silu_mul_bwd(const T*, const T*, const T*, T*, T*, int64_t) {}
+void silu_mul_bwd(const T*, const T*, const T*, T*, T*, int64_t, bool) {}
 
 float sum_squares(const c10::BFloat16*, int64_t) { return 0.f; }
 void normalize_row(const c10::BFloat16*, const float*, float, c10::BFloat16*, int64_t, const c10::BFloat16*, bool) {}
@@ -242,12 +290,12 @@ void grad_row(const c10::BFloat16*, const c10::BFloat16*, const float*, float, f
 
 #endif
 
-template void silu_mul(const float*, const float*, float*, int64_t);
-template void silu_mul(const c10::BFloat16*, const c10::BFloat16*, c10::BFloat16*, int64_t);
-template void silu_mul(const c10::Half*, const c10::Half*, c10::Half*, int64_t);
-template void silu_mul_bwd(const float*, const float*, const float*, float*, float*, int64_t);
+template void silu_mul(const float*, const float*, float*, int64_t, bool);
+template void silu_mul(const c10::BFloat16*, const c10::BFloat16*, c10::BFloat16*, int64_t, bool);
+template void silu_mul(const c10::Half*, const c10::Half*, c10::Half*, int64_t, bool);
+template void silu_mul_bwd(const float*, const float*, const float*, float*, float*, int64_t, bool);
 template void silu_mul_bwd(const c10::BFloat16*, const c10::BFloat16*, const c10::BFloat16*, c10::BFloat16*,
-                           c10::BFloat16*, int64_t);
-template void silu_mul_bwd(const c10::Half*, const c10::Half*, const c10::Half*, c10::Half*, c10::Half*, int64_t);
+                           c10::BFloat16*, int64_t, bool);
+template void silu_mul_bwd(const c10::Half*, const c10::Half*, const c10::Half*, c10::Half*, c10::Half*, int64_t, bool);
 
 }  // namespace mmk::avx512

@@ -16,13 +16,15 @@ namespace mmk::avx512 {
 // True when the running CPU has the instruction sets the loops below need (checked once).
 bool supported();
 
-// SwiGLU: y = silu(a) * b over n elements; T is float, c10::BFloat16 or c10::Half.
+// SwiGLU: y = silu(a) * b over n elements; T is float, c10::BFloat16 or c10::Half. The inputs are
+// prefetched ahead; with `streaming` (outputs larger than the caches) full vectors of output are
+// written with non-temporal stores straight from the registers.
 template <typename T>
-void silu_mul(const T* a, const T* b, T* y, int64_t n);
+void silu_mul(const T* a, const T* b, T* y, int64_t n, bool streaming);
 
 // SwiGLU backward: da = dy * b * s * (1 + a * (1 - s)), db = dy * a * s with s = sigmoid(a).
 template <typename T>
-void silu_mul_bwd(const T* dy, const T* a, const T* b, T* da, T* db, int64_t n);
+void silu_mul_bwd(const T* dy, const T* a, const T* b, T* da, T* db, int64_t n, bool streaming);
 
 // RMSNorm rows of bf16, the loops of rms_norm.cpp (see there): sum of squares; y = (x * r, rounded
 // with round_norm) * scale prefetching `next`; sum of (dy * gscale) * (x * r); dx = r * (g - n * mean_gn)

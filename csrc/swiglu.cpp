@@ -74,19 +74,6 @@ MMK_VECTORIZED void bwd_kernel(const c10::Half* dy, const c10::Half* a, const c1
   bwd_span(dy, a, b, da, db, n);
 }
 
-// The element loops of a tile: the AVX-512 intrinsics where the CPU has them, else the clones above.
-template <typename T>
-void fwd_tile(const T* a, const T* b, T* y, int64_t n) {
-  if (avx512::supported()) return avx512::silu_mul(a, b, y, n);
-  fwd_kernel(a, b, y, n);
-}
-
-template <typename T>
-void bwd_tile(const T* dy, const T* a, const T* b, T* da, T* db, int64_t n) {
-  if (avx512::supported()) return avx512::silu_mul_bwd(dy, a, b, da, db, n);
-  bwd_kernel(dy, a, b, da, db, n);
-}
-
 // Rows of a and b (and of their gradients) sit `in_stride` elements apart; rows of y and dy `n` apart.
 struct Layout {
   int64_t rows;
@@ -133,6 +120,21 @@ void write_tile_pair(T* dst_a, T* dst_b, int64_t len, bool streaming, const Comp
   stream_copy(dst_b, buf_b, len * sizeof(T));
 }
 
+// The element loops of one tile, written to its outputs. The AVX-512 loops (avx512_bf16.h), where the
+// CPU has them, store straight from registers (non-temporal with `streaming`); the clones above
+// compute into an L1 buffer first when streaming (write_tile).
+template <typename T>
+void fwd_tile(const T* a, const T* b, T* y, int64_t n, bool streaming) {
+  if (avx512::supported()) return avx512::silu_mul(a, b, y, n, streaming);
+  write_tile(y, n, streaming, [&](T* out) { fwd_kernel(a, b, out, n); });
+}
+
+template <typename T>
+void bwd_tile(const T* dy, const T* a, const T* b, T* da, T* db, int64_t n, bool streaming) {
+  if (avx512::supported()) return avx512::silu_mul_bwd(dy, a, b, da, db, n, streaming);
+  write_tile_pair(da, db, n, streaming, [&](T* out_a, T* out_b) { bwd_kernel(dy, a, b, out_a, out_b, n); });
+}
+
 void check_dtype(const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
               "mm_kernels_cpu swiglu: ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
@@ -175,8 +177,7 @@ at::Tensor swiglu_fwd(const at::Tensor& x_in, int64_t dim) {
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     for_each_tile(layout, streaming, [&](int64_t row, int64_t col, int64_t len) {
       const scalar_t* a = xp + row * layout.in_stride + col;
-      write_tile(yp + row * layout.n + col, len, streaming,
-                 [&](scalar_t* out) { fwd_tile(a, a + layout.n, out, len); });
+      fwd_tile(a, a + layout.n, yp + row * layout.n + col, len, streaming);
     });
   });
   return y;
@@ -197,9 +198,8 @@ at::Tensor swiglu_bwd(const at::Tensor& dy_in, const at::Tensor& x_in, int64_t d
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
     for_each_tile(layout, streaming, [&](int64_t row, int64_t col, int64_t len) {
       const int64_t in = row * layout.in_stride + col;
-      write_tile_pair(dxp + in, dxp + in + layout.n, len, streaming, [&](scalar_t* da, scalar_t* db) {
-        bwd_tile(dyp + row * layout.n + col, xp + in, xp + in + layout.n, da, db, len);
-      });
+      bwd_tile(dyp + row * layout.n + col, xp + in, xp + in + layout.n, dxp + in, dxp + in + layout.n, len,
+               streaming);
     });
   });
   return dx;
@@ -218,7 +218,7 @@ at::Tensor swiglu_pair_fwd(const at::Tensor& gate_in, const at::Tensor& up_in) {
     const scalar_t* bp = up.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     for_each_tile(layout, streaming, [&](int64_t, int64_t col, int64_t len) {
-      write_tile(yp + col, len, streaming, [&](scalar_t* out) { fwd_tile(ap + col, bp + col, out, len); });
+      fwd_tile(ap + col, bp + col, yp + col, len, streaming);
     });
   });
   return y;
@@ -243,9 +243,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_pair_bwd(const at::Tensor& dy_in, cons
     scalar_t* dap = dgate.mutable_data_ptr<scalar_t>();
     scalar_t* dbp = dup.mutable_data_ptr<scalar_t>();
     for_each_tile(layout, streaming, [&](int64_t, int64_t col, int64_t len) {
-      write_tile_pair(dap + col, dbp + col, len, streaming, [&](scalar_t* da, scalar_t* db) {
-        bwd_tile(dyp + col, ap + col, bp + col, da, db, len);
-      });
+      bwd_tile(dyp + col, ap + col, bp + col, dap + col, dbp + col, len, streaming);
     });
   });
   return {dgate, dup};
