@@ -3,6 +3,8 @@
 // GCC 12 reports the _mm512_undefined_ps() inside its own intrinsic headers as maybe uninitialized.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#include <cstdlib>
+
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -19,6 +21,8 @@ namespace mmk::avx512 {
 
 bool supported() {
   static const bool supported = [] {
+    const char* off = std::getenv("MM_KERNELS_NO_AVX512");
+    if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&

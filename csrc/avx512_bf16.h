@@ -13,7 +13,8 @@
 
 namespace mmk::avx512 {
 
-// True when the running CPU has the instruction sets the loops below need (checked once).
+// True when the running CPU has the instruction sets the loops below need (checked once), unless the
+// environment sets MM_KERNELS_NO_AVX512=1 (then the portable loops run: for tests and comparisons).
 bool supported();
 
 // SwiGLU: y = silu(a) * b over n elements; T is float, c10::BFloat16 or c10::Half. The inputs are
