@@ -3,10 +3,10 @@
 #   1. the Triton tests of tests/ compiled on the GPU (when pytest is installed);
 #   2. benchmarks/gpu_check.py: every kernel against the reference on the GPU, values and gradients,
 #      deterministic weight gradients, MoE without host syncs and in a CUDA graph;
-#   3. mm-bench rmsnorm swiglu moe on the GPU in bf16: ours, eager PyTorch, torch.compile and
+#   3. mm-bench rmsnorm, swiglu and moe on the GPU in bf16: ours, eager PyTorch, torch.compile and
 #      Liger-Kernel (when installed), fwd and bwd, GB/s against the copy bandwidth of the same run.
-# Each step has a time limit (about 5 minutes in all on one H200); a failing step does not stop the
-# next ones, and the exit status is 1 if any failed.
+# Each step has a time limit (about 5 minutes in all on one H200, 8 at most); a failing step does not
+# stop the next ones, and the exit status is 1 if any failed. Logs, tables and JSON go to OUTPUT_DIR.
 # Usage: bash benchmarks/gpu.sh [OUTPUT_DIR]   (default runs/gpu-bench); PYTHON=... picks the interpreter.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,18 +31,23 @@ step() {  # step NAME SECONDS LOG COMMAND...
   [ "$status" -eq 0 ] || failed+=("$name")
 }
 
-step info 60 info.txt "$PYTHON" -m mm_kernels info
+step info 30 info.txt "$PYTHON" -m mm_kernels info
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
-  step "triton tests" 150 tests.txt "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" -m triton \
+  step "triton tests" 100 tests.txt "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" -m triton \
     tests/test_rms_norm.py tests/test_swiglu.py tests/test_attention.py tests/test_moe.py
 else
   echo "== triton tests: pytest is not installed; benchmarks/gpu_check.py covers the kernels"
 fi
-step "gpu checks" 150 checks.txt "$PYTHON" benchmarks/gpu_check.py
-plot=()
-"$PYTHON" -c "import matplotlib" 2>/dev/null && plot=(--plot "$out/bench.png")
-step benchmarks 240 bench.txt "$PYTHON" -m mm_kernels.bench.cli rmsnorm swiglu moe --device cuda --dtype bf16 \
-  --json "$out/bench.json" "${plot[@]}"
+step "gpu checks" 100 checks.txt "$PYTHON" benchmarks/gpu_check.py
+# One step per kernel, so that a time limit reached by one keeps the others' tables.
+has_plot=0
+"$PYTHON" -c "import matplotlib" 2>/dev/null && has_plot=1
+for kernel in rmsnorm swiglu moe; do
+  plot=()
+  [ "$has_plot" -eq 1 ] && plot=(--plot "$out/bench-$kernel.png")
+  step "benchmark $kernel" 80 "bench-$kernel.txt" "$PYTHON" -m mm_kernels.bench.cli "$kernel" --device cuda \
+    --dtype bf16 --json "$out/bench-$kernel.json" "${plot[@]}"
+done
 echo "gpu.sh: results in $out"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "gpu.sh: failed: ${failed[*]}" >&2
