@@ -49,18 +49,28 @@ def _normalize(x, r, w_ptr, cols, col_mask, offset, Y_DTYPE: tl.constexpr, HAS_W
 
 
 @triton.jit
+def _row_tile(rows, hidden, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tile of ROWS rows: (rows [ROWS], columns [BLOCK], column mask, tile mask, offsets)."""
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    col_mask = cols < hidden
+    return row, cols, col_mask, (row < rows)[:, None] & col_mask[None, :], row[:, None] * hidden + cols[None, :]
+
+
+@triton.jit
+def _rstd(sum_squares, hidden, eps):
+    return tl.div_rn(1.0, tl.sqrt_rn(sum_squares / hidden + eps))
+
+
+@triton.jit
 def _fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, rows, hidden, eps, offset,
                 HAS_WEIGHT: tl.constexpr, ROUND_NORM: tl.constexpr, ROUND_RSTD: tl.constexpr,
                 BLOCK: tl.constexpr, ROWS: tl.constexpr, ONE_CHUNK: tl.constexpr):
     Y_DTYPE: tl.constexpr = y_ptr.dtype.element_ty
-    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK)
+    row, cols, col_mask, mask, offs = _row_tile(rows, hidden, ROWS, BLOCK)
     if ONE_CHUNK:
-        col_mask = cols < hidden
-        mask = (row < rows)[:, None] & col_mask[None, :]
-        offs = row[:, None] * hidden + cols[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        r = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(x * x, axis=1) / hidden + eps))
+        r = _rstd(tl.sum(x * x, axis=1), hidden, eps)
         tl.store(rstd_ptr + row, r, mask=row < rows)
         if ROUND_RSTD:
             r = r.to(Y_DTYPE).to(tl.float32)
@@ -75,17 +85,17 @@ def _fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, rows, hidden, eps, offset,
             x = tl.load(x_ptr + base[:, None] + start + cols[None, :], mask=(start + cols < hidden)[None, :],
                         other=0.0).to(tl.float32)
             acc += x * x
-        r = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(acc, axis=1) / hidden + eps))
+        r = _rstd(tl.sum(acc, axis=1), hidden, eps)
         tl.store(rstd_ptr + row, r)
         if ROUND_RSTD:
             r = r.to(Y_DTYPE).to(tl.float32)
         for start in range(0, hidden, BLOCK):
-            col_mask = start + cols < hidden
-            offs = base[:, None] + start + cols[None, :]
-            x = tl.load(x_ptr + offs, mask=col_mask[None, :], other=0.0).to(tl.float32)
-            y = _normalize(x, r[:, None], w_ptr, start + cols[None, :], col_mask[None, :], offset, Y_DTYPE,
+            chunk_mask = start + cols < hidden
+            chunk_offs = base[:, None] + start + cols[None, :]
+            x = tl.load(x_ptr + chunk_offs, mask=chunk_mask[None, :], other=0.0).to(tl.float32)
+            y = _normalize(x, r[:, None], w_ptr, start + cols[None, :], chunk_mask[None, :], offset, Y_DTYPE,
                            HAS_WEIGHT, ROUND_NORM)
-            tl.store(y_ptr + offs, y.to(Y_DTYPE), mask=col_mask[None, :])
+            tl.store(y_ptr + chunk_offs, y.to(Y_DTYPE), mask=chunk_mask[None, :])
 
 
 @triton.jit
@@ -93,17 +103,13 @@ def _add_fwd_kernel(x_ptr, res_ptr, w_ptr, y_ptr, sum_ptr, rstd_ptr, rows, hidde
                     HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, ONE_CHUNK: tl.constexpr):
     """x + residual (added in fp32, rounded to x's dtype as torch adds), then llama RMSNorm of the sum."""
     DTYPE: tl.constexpr = y_ptr.dtype.element_ty
-    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK)
+    row, cols, col_mask, mask, offs = _row_tile(rows, hidden, ROWS, BLOCK)
     if ONE_CHUNK:
-        col_mask = cols < hidden
-        mask = (row < rows)[:, None] & col_mask[None, :]
-        offs = row[:, None] * hidden + cols[None, :]
         summed = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                   + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(DTYPE)
         tl.store(sum_ptr + offs, summed, mask=mask)
         s = summed.to(tl.float32)
-        r = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(s * s, axis=1) / hidden + eps))
+        r = _rstd(tl.sum(s * s, axis=1), hidden, eps)
         tl.store(rstd_ptr + row, r, mask=row < rows)
         y = _normalize(s, r[:, None], w_ptr, cols[None, :], col_mask[None, :], 0.0, DTYPE, HAS_WEIGHT, True)
         tl.store(y_ptr + offs, y.to(DTYPE), mask=mask)
@@ -111,22 +117,22 @@ def _add_fwd_kernel(x_ptr, res_ptr, w_ptr, y_ptr, sum_ptr, rstd_ptr, rows, hidde
         base = row * hidden
         acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         for start in range(0, hidden, BLOCK):
-            col_mask = (start + cols < hidden)[None, :]
-            offs = base[:, None] + start + cols[None, :]
-            summed = (tl.load(x_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)
-                      + tl.load(res_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)).to(DTYPE)
-            tl.store(sum_ptr + offs, summed, mask=col_mask)
+            chunk_mask = start + cols < hidden
+            chunk_offs = base[:, None] + start + cols[None, :]
+            summed = (tl.load(x_ptr + chunk_offs, mask=chunk_mask[None, :], other=0.0).to(tl.float32)
+                      + tl.load(res_ptr + chunk_offs, mask=chunk_mask[None, :], other=0.0).to(tl.float32)).to(DTYPE)
+            tl.store(sum_ptr + chunk_offs, summed, mask=chunk_mask[None, :])
             s = summed.to(tl.float32)
             acc += s * s
-        r = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(acc, axis=1) / hidden + eps))
+        r = _rstd(tl.sum(acc, axis=1), hidden, eps)
         tl.store(rstd_ptr + row, r)
         for start in range(0, hidden, BLOCK):
-            col_mask = start + cols < hidden
-            offs = base[:, None] + start + cols[None, :]
-            s = tl.load(sum_ptr + offs, mask=col_mask[None, :], other=0.0).to(tl.float32)
-            y = _normalize(s, r[:, None], w_ptr, start + cols[None, :], col_mask[None, :], 0.0, DTYPE, HAS_WEIGHT,
+            chunk_mask = start + cols < hidden
+            chunk_offs = base[:, None] + start + cols[None, :]
+            s = tl.load(sum_ptr + chunk_offs, mask=chunk_mask[None, :], other=0.0).to(tl.float32)
+            y = _normalize(s, r[:, None], w_ptr, start + cols[None, :], chunk_mask[None, :], 0.0, DTYPE, HAS_WEIGHT,
                            True)
-            tl.store(y_ptr + offs, y.to(DTYPE), mask=col_mask[None, :])
+            tl.store(y_ptr + chunk_offs, y.to(DTYPE), mask=chunk_mask[None, :])
 
 
 @triton.jit
