@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 import mm_kernels
-from mm_kernels.ops.attention import attention_with_lse
+from mm_kernels.ops.attention import attention_fwd
 from mm_kernels.reference import attention as attention_reference
 from mm_kernels.reference import moe as moe_reference
 from mm_kernels.reference import rms_norm as rms_norm_reference
@@ -143,16 +143,23 @@ def swiglu_pair_case(device, rows: int, width: int, dtype: torch.dtype) -> Calla
     return run
 
 
-def attention_case(device, batch, seq_q, seq_k, heads_q, heads_kv, dim, dtype, causal) -> Callable[[], str]:
+def attention_case(device, batch, seq_q, seq_k, heads_q, heads_kv, dim, dtype, causal, padded=False,
+                   dropout_p=0.0) -> Callable[[], str]:
+    """Values and gradients of the fused attention against the fp64 reference; ``padded``: a key-padding
+    mask (batch row b keeps its first seq_k - 3 b keys); ``dropout_p``: the reference draws the same mask."""
     def run() -> str:
         q = torch.randn(batch, seq_q, heads_q, dim, device=device).to(dtype)
         k, v = (torch.randn(batch, seq_k, heads_kv, dim, device=device).to(dtype) for _ in range(2))
         dout = torch.randn_like(q)
+        lengths = seq_k - 3 * torch.arange(batch, device=device)
+        mask = (torch.arange(seq_k, device=device) >= lengths[:, None])[:, None, :].expand(batch, seq_q, seq_k) \
+            if padded else None
+        seed = torch.tensor([20260101], device=device) if dropout_p else None
         leaves = [_leaf(t) for t in (q, k, v)]
-        out, lse = attention_with_lse(*leaves, causal=causal)
+        out, lse = attention_fwd(*leaves, mask, causal, dim ** -0.5, dropout_p, seed)
         grads = _grads(out, leaves, dout)
         ref_leaves = [_leaf(t.double()) for t in (q, k, v)]
-        out_ref, lse_ref = attention_reference.attention_fwd(*ref_leaves, causal, dim ** -0.5)
+        out_ref, lse_ref = attention_reference.attention_fwd(*ref_leaves, mask, causal, dim ** -0.5, dropout_p, seed)
         grads_ref = _grads(out_ref, ref_leaves, dout)
         # Attention sums over keys: errors relative to the largest value, as the CPU tests measure them.
         worst = max((a.double() - e).abs().max().item() / max(e.abs().max().item(), 1e-30)
@@ -331,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             check(f"swiglu_pair {dtype}", swiglu_pair_case(device, 1000 if big else 7, 4096 if big else 123, dtype))
             check(f"attention {dtype}", attention_case(device, 2, 300 if big else 19, 257 if big else 19, 8, 2, 64,
                                                        dtype, True))
+            check(f"attention padded, dropout {dtype}", attention_case(
+                device, 3, 300 if big else 19, 300 if big else 19, 8, 2, 64, dtype, False, padded=True, dropout_p=0.1))
             check(f"moe index form {dtype}", moe_case(device, 4096 if big else 33, 1024 if big else 20, 64, 4, dtype,
                                                       -100))
             check(f"moe routing map, drop_and_pad {dtype}", moe_routing_map_case(device, dtype))

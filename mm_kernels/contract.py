@@ -121,17 +121,26 @@ class MoE(Family):
 
 
 class Attention(Family):
-    """Attention with log-sum-exp (see :mod:`mm_kernels.ops.attention`)."""
+    """Attention with log-sum-exp, masks and dropout (see :mod:`mm_kernels.ops.attention`).
+
+    ``mask`` [B, Sq, Sk] bool (any strides, e.g. an expanded key-padding mask) hides key j from query i
+    where True; ``causal`` hides j > i as well. A query that sees no key gets out 0 and lse -inf.
+    ``dropout_p`` > 0 drops probabilities with the Philox keep mask of ``seed`` (int64 [1] on q's
+    device; None when dropout_p is 0) defined by :func:`mm_kernels.reference.attention.dropout_keep`,
+    the same on every backend; lse is that of the probabilities before dropout.
+    """
 
     module = "attention"
 
     @staticmethod
-    def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, scale: float,
+                      dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> (out [B, Sq, Hq, D] q.dtype, lse [B, Hq, Sq] compute dtype)."""
 
     @staticmethod
-    def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-                      scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
+                      causal: bool, scale: float, dropout_p: float,
+                      seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Gradients (dq, dk, dv) like (q, k, v) of attention_fwd, given dout and the forward's (out, lse)."""
 
 

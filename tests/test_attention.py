@@ -1,19 +1,19 @@
-"""Local attention with log-sum-exp (the building block of context-parallel attention), every CPU-runnable backend."""
+"""Fused attention (masks, dropout) and attention with log-sum-exp (the building block of context-parallel
+attention), every CPU-runnable backend, against an fp64 oracle written here."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mm_kernels
-from mm_kernels.ops.attention import attention_bwd, attention_with_lse
+from mm_kernels.ops.attention import attention_bwd, attention_fwd, attention_with_lse, flash_attention
 from mm_kernels.reference import attention as reference
 from tests.helpers import backend_params, relative_error
 
 # Largest error relative to the largest fp64 reference value (Triton's interpreter truncates to bf16).
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-
-
 
 
 def _inputs(batch, seq_q, seq_k, heads_q, heads_kv, dim, dtype, seed=0):
@@ -25,23 +25,33 @@ def _inputs(batch, seq_q, seq_k, heads_q, heads_kv, dim, dtype, seed=0):
     return q, k, v, dout
 
 
-def _reference(q, k, v, dout, causal, scale=None):
-    """fp64 (out, lse, dq, dk, dv) from torch's math attention on the same (rounded) inputs."""
+def _reference(q, k, v, dout, causal, scale=None, mask=None, keep=None, dropout_p=0.0):
+    """fp64 (out, lse, dq, dk, dv) of softmax attention on the same (rounded) inputs, written out: K/V heads
+    repeated, ``mask`` [B, Sq, Sk] (True: hidden), rows that see no key 0, probabilities times ``keep``
+    [B, Hq, Sq, Sk] / (1 - dropout_p) when given."""
     q, k, v = (t.double().requires_grad_() for t in (q, k, v))
     group = q.shape[2] // k.shape[2]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(group, 1), v.transpose(1, 2).repeat_interleave(group, 1)
     scores = qt @ kt.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    hidden = torch.zeros(scores.shape[-2:], dtype=torch.bool)
     if causal:
-        scores = scores.masked_fill(~torch.ones(scores.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
-    out = (torch.softmax(scores, -1) @ vt).transpose(1, 2)
+        hidden = ~torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    if mask is not None:
+        hidden = hidden | mask.unsqueeze(1)
+    scores = scores.masked_fill(hidden, float("-inf"))
+    blind = hidden.all(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(blind, 0.0), -1).masked_fill(blind, 0.0)
+    if keep is not None:
+        probs = probs * keep / (1 - dropout_p)
+    out = (probs @ vt).transpose(1, 2)
     out.backward(dout.double())
     return out.detach(), torch.logsumexp(scores, -1).detach(), q.grad, k.grad, v.grad
 
 
-def _run(backend, q, k, v, dout, causal, scale=None):
+def _run(backend, q, k, v, dout, causal, scale=None, mask=None):
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
     with mm_kernels.use_backend(backend):
-        out, lse = attention_with_lse(q, k, v, causal=causal, softmax_scale=scale)
+        out, lse = attention_with_lse(q, k, v, causal=causal, softmax_scale=scale, mask=mask)
         out.backward(dout)
     return out.detach(), lse, q.grad, k.grad, v.grad
 
@@ -53,6 +63,9 @@ def _assert_matches(actual, expected, dtype):
         if name == "lse":
             assert a.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
             tol = max(tol, 1e-5)
+            blind = e == float("-inf")  # rows that see no key
+            assert torch.equal(a == float("-inf"), blind), "lse: -inf on other rows than the reference"
+            a, e = a[~blind], e[~blind]
         else:
             assert a.dtype == dtype, name
         error = relative_error(a, e)
@@ -95,8 +108,8 @@ def test_backward_of_a_key_block_uses_the_whole_rows_lse(backend):
     q, k, v, dout = _inputs(2, 10, 16, 4, 2, 8, torch.float64)
     with mm_kernels.use_backend(backend):
         out, lse = attention_with_lse(q, k, v)
-        full = attention_bwd(dout, q, k, v, out, lse, False, 8 ** -0.5)
-        blocks = [attention_bwd(dout, q, k[:, s], v[:, s], out, lse, False, 8 ** -0.5)
+        full = attention_bwd(dout, q, k, v, out, lse, None, False, 8 ** -0.5, 0.0, None)
+        blocks = [attention_bwd(dout, q, k[:, s], v[:, s], out, lse, None, False, 8 ** -0.5, 0.0, None)
                   for s in (slice(0, 6), slice(6, None))]
     torch.testing.assert_close(blocks[0][0] + blocks[1][0], full[0])
     torch.testing.assert_close(torch.cat([blocks[0][1], blocks[1][1]], dim=1), full[1])
@@ -126,7 +139,7 @@ def test_nan_propagates_like_the_reference(backend, where, causal):
     {"q": q, "k": k}[where][0, 1, 0, 3] = float("nan")
     with mm_kernels.use_backend(backend):
         out, lse = attention_with_lse(q, k, v, causal=causal)
-    ref_out, ref_lse = reference.attention_fwd(q.double(), k.double(), v.double(), causal, 8 ** -0.5)
+    ref_out, ref_lse = reference.attention_fwd(q.double(), k.double(), v.double(), None, causal, 8 ** -0.5, 0.0, None)
     assert ref_lse.isnan().any()
     assert torch.equal(out.isnan(), ref_out.isnan())
     assert torch.equal(lse.isnan(), ref_lse.isnan())
@@ -170,3 +183,172 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(out, module(*eager))
     for a, b in zip(compiled, eager, strict=True):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def _key_padding(batch, seq_q, seq_k, blind_row=False):
+    """[B, Sq, Sk] mask: batch row b hides its last 2 b keys, plus random holes; with ``blind_row`` query 1
+    of batch row 0 sees no key at all."""
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([max(seq_k - 2 * b, 1) for b in range(batch)])
+    mask = (torch.arange(seq_k) >= lengths[:, None])[:, None, :] | (torch.rand(batch, seq_q, seq_k, generator=gen) < 0.2)
+    if blind_row and seq_q > 1:
+        mask[0, 1] = True
+    return mask
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_masked_matches_fp64_reference(backend, dtype, causal, shape):
+    """A padding mask with holes and a query that sees no key (out 0, lse -inf, no gradient)."""
+    if backend == "triton" and dtype == torch.float16 and shape != SHAPES[0]:
+        pytest.skip("the interpreter is slow: fp16 on one shape")
+    q, k, v, dout = _inputs(*shape, dtype)
+    mask = _key_padding(shape[0], shape[1], shape[2], blind_row=True)
+    result = _run(backend, q, k, v, dout, causal, mask=mask)
+    _assert_matches(result, _reference(q, k, v, dout, causal, mask=mask), dtype)
+    if shape[1] > 1:
+        out, lse, dq = result[:3]
+        assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1])) and bool((lse[0, :, 1] == float("-inf")).all())
+        assert torch.equal(dq[0, 1], torch.zeros_like(dq[0, 1]))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_mask_layouts_give_one_answer(backend):
+    """Megatron's [B, 1, Sq, Sk], a key-padding [B, 1, Sk] and a shared [Sq, Sk] mask, and a transposed
+    (non-contiguous) one, each equal to the same mask spelled out as [B, Sq, Sk]."""
+    q, k, v, dout = _inputs(2, 9, 11, 4, 2, 8, torch.float32)
+    padding = torch.arange(11) >= torch.tensor([11, 7])[:, None]
+    shared = torch.rand(9, 11, generator=torch.Generator().manual_seed(3)) < 0.3
+    transposed = torch.rand(2, 11, 9, generator=torch.Generator().manual_seed(4)) < 0.3
+    for given, full in ((padding[:, None, None, :], padding[:, None, :].expand(2, 9, 11)),
+                        (padding[:, None, :], padding[:, None, :].expand(2, 9, 11)),
+                        (shared, shared.expand(2, 9, 11)), (transposed.transpose(1, 2), transposed.transpose(1, 2))):
+        _assert_matches(_run(backend, q, k, v, dout, True, mask=given),
+                        _reference(q, k, v, dout, True, mask=full.contiguous()), torch.float32)
+
+
+def _dropout_run(backend, q, k, v, dout, causal, mask, dropout_p, seed):
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    with mm_kernels.use_backend(backend):
+        out, lse = attention_fwd(q, k, v, mask, causal, q.shape[-1] ** -0.5, dropout_p, seed)
+        out.backward(dout)
+    return out.detach(), lse, q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_matches_the_reference_keep_mask(backend, dtype, causal):
+    """Every backend drops the probabilities of dropout_keep(seed): values and gradients equal the fp64
+    oracle given that keep mask (Triton draws it in the kernel, forward and backward)."""
+    batch, seq_q, seq_k, heads_q, heads_kv, dim = 2, 19, 23, 4, 2, 8
+    q, k, v, dout = _inputs(batch, seq_q, seq_k, heads_q, heads_kv, dim, dtype)
+    mask = _key_padding(batch, seq_q, seq_k, blind_row=True)
+    seed = torch.tensor([987654321987])
+    keep = reference.dropout_keep(seed, 0.3, batch, heads_q, seq_q, seq_k)
+    result = _dropout_run(backend, q, k, v, dout, causal, mask, 0.3, seed)
+    _assert_matches(result, _reference(q, k, v, dout, causal, mask=mask, keep=keep, dropout_p=0.3), dtype)
+
+
+def test_dropout_keep_mask_statistics():
+    """About 1 - p kept (within 5 binomial standard deviations), one mask per seed, new masks for new seeds,
+    and none dropped at p = 0."""
+    p, size = 0.25, (4, 8, 64, 64)
+    first = reference.dropout_keep(torch.tensor([11]), p, *size)
+    count = first.numel()
+    assert abs(first.sum().item() - (1 - p) * count) <= 5 * (count * p * (1 - p)) ** 0.5
+    assert torch.equal(first, reference.dropout_keep(torch.tensor([11]), p, *size))
+    other = reference.dropout_keep(torch.tensor([12]), p, *size)
+    assert abs((first == other).float().mean().item() - (p * p + (1 - p) ** 2)) < 0.01
+    assert bool(reference.dropout_keep(torch.tensor([11]), 0.0, *size).all())
+
+
+def test_philox_matches_its_published_test_vector():
+    """Philox4x32-10 known-answer vector (Random123): key (0, 0), counter 0 -> 0x6627e8d5 first word."""
+    assert reference.philox_uint32(torch.tensor(0), torch.tensor([0])).item() == 0x6627E8D5
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_flash_attention_dropout_follows_the_default_generator(backend):
+    """The seed comes from the device's default generator: torch.manual_seed repeats a run, the next call
+    drops differently, and dropout_p = 0 draws nothing."""
+    q, k, v, _ = _inputs(1, 16, 16, 2, 1, 8, torch.float32)
+    with mm_kernels.use_backend(backend):
+        torch.manual_seed(5)
+        first, second = flash_attention(q, k, v, dropout_p=0.5), flash_attention(q, k, v, dropout_p=0.5)
+        torch.manual_seed(5)
+        again = flash_attention(q, k, v, dropout_p=0.5)
+        state = torch.get_rng_state()
+        plain = flash_attention(q, k, v, causal=True)
+        assert torch.equal(state, torch.get_rng_state())
+    assert torch.equal(first, again) and not torch.equal(first, second)
+    torch.testing.assert_close(plain, _reference(q, k, v, torch.zeros_like(q), True)[0].float())
+
+
+class _Shapes(TorchDispatchMode):
+    """Records the shape of every tensor an operator returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for t in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.add(tuple(t.shape))
+        return result
+
+
+@pytest.mark.parametrize("backend", [None, "cpu", pytest.param("triton", marks=pytest.mark.triton)])
+def test_grouped_query_attention_never_repeats_key_value_heads(backend):
+    """No tensor of the repeated K/V shape (Sk keys, Hq heads) is made, forward or backward (Sq != Sk, so
+    nothing of q's shape looks like one)."""
+    if backend == "cpu" and not mm_kernels.backends()["cpu"]:
+        pytest.skip("the C++ extension is not built")
+    batch, seq_q, seq_k, heads_q, heads_kv, dim = 2, 24, 20, 8, 2, 16
+    q, k, v, dout = _inputs(batch, seq_q, seq_k, heads_q, heads_kv, dim, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with mm_kernels.use_backend(backend), _Shapes() as recorder:
+        flash_attention(*leaves, causal=True).backward(dout)
+    assert (batch, seq_k, heads_kv, dim) in recorder.shapes  # the recorder sees the kernels' tensors
+    assert not recorder.shapes & {(batch, seq_k, heads_q, dim), (batch, heads_q, seq_k, dim)}
+
+
+def test_bad_mask_and_dropout_raise_naming_the_argument():
+    q = torch.randn(2, 4, 4, 8)
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        flash_attention(q, q, q, mask=torch.zeros(2, 4, 4))
+    with pytest.raises(ValueError, match=r"mask must broadcast to \[B, Sq, Sk\] = \[2, 4, 4\], got \(3, 4, 4\)"):
+        flash_attention(q, q, q, mask=torch.zeros(3, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"got \(2, 4, 4, 4\)"):
+        flash_attention(q, q, q, mask=torch.zeros(2, 4, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="dropout_p must be a number in"):
+        flash_attention(q, q, q, dropout_p=1.0)
+    with pytest.raises(ValueError, match="dropout_p must be a number in"):
+        flash_attention(q, q, q, dropout_p=-0.1)
+
+
+def test_torch_compile_fullgraph_with_mask_and_dropout():
+    """With a mask, compiled equals eager; with dropout too it compiles without a graph break (the seed is
+    then drawn by the compiled graph's generator, so the dropped entries differ from eager's)."""
+    mask = _key_padding(2, 9, 9)
+
+    def attend(q, k, v, dropout_p):
+        return flash_attention(q, k, v, causal=True, mask=mask, dropout_p=dropout_p) * 2.0
+
+    q, k, v, dout = _inputs(2, 9, 9, 4, 2, 8, torch.float32)
+    eager = [t.clone().requires_grad_() for t in (q, k, v)]
+    compiled = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = attend(*eager, 0.0)
+    expected.backward(dout)
+    out = torch.compile(attend, fullgraph=True)(*compiled, 0.0)
+    out.backward(dout)
+    torch.testing.assert_close(out, expected)
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+    dropped = torch.compile(attend, fullgraph=True)(*compiled, 0.5)
+    dropped.backward(dout)
+    assert not torch.allclose(dropped, expected) and bool(dropped.isfinite().all())

@@ -76,7 +76,9 @@ def _samples() -> list[tuple[KernelOp, tuple]]:
     row_token = torch.tensor([0, 2, 2, 5, 1, 4, 3, 0, 5])
     routing_map = torch.rand(6, 4) > 0.5
     q, k, v = torch.randn(1, 5, 2, 4), torch.randn(1, 7, 1, 4), torch.randn(1, 7, 1, 4)
-    out, lse = attention_ops.attention_fwd(q, k, v, True, 0.5)
+    out, lse = attention_ops.attention_fwd(q, k, v, None, True, 0.5, 0.0, None)
+    mask = torch.rand(1, 5, 7) > 0.7
+    seed = torch.tensor([12345])
     return [
         (rms_norm_ops.rms_norm_fwd, (_grad(4, 8), _grad(8), 1e-6, "llama", 0.0)),
         (rms_norm_ops.rms_norm_fwd, (_grad(3, 5, dtype=torch.bfloat16), None, 1e-5, "gemma", 1.0)),
@@ -95,8 +97,11 @@ def _samples() -> list[tuple[KernelOp, tuple]]:
         (moe_ops.moe_combine, (_grad(9, 4), row_token, _grad(9), 6)),
         (moe_ops.moe_combine_bwd, (torch.randn(6, 4), torch.randn(9, 4), row_token, torch.rand(9))),
         (attention_ops.attention_fwd, (q.clone().requires_grad_(), k.clone().requires_grad_(),
-                                       v.clone().requires_grad_(), True, 0.5)),
-        (attention_ops.attention_bwd, (torch.randn(1, 5, 2, 4), q, k, v, out, lse, True, 0.5)),
+                                       v.clone().requires_grad_(), None, True, 0.5, 0.0, None)),
+        (attention_ops.attention_fwd, (q.clone().requires_grad_(), k.clone().requires_grad_(),
+                                       v.clone().requires_grad_(), mask, False, 0.5, 0.25, seed)),
+        (attention_ops.attention_bwd, (torch.randn(1, 5, 2, 4), q, k, v, out, lse, None, True, 0.5, 0.0, None)),
+        (attention_ops.attention_bwd, (torch.randn(1, 5, 2, 4), q, k, v, out, lse, mask, True, 0.5, 0.25, seed)),
     ]
 
 

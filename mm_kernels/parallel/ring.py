@@ -132,7 +132,8 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, comm: RingComm | None, causal:
     for k_step, v_step, blocks in _kv_steps(k, v, comm, causal, q.shape[1]):
         for rows, keys, block_causal in blocks:
             with timed_compute(q[:, rows], k_step[:, keys], block_causal):
-                block_out, block_lse = attention_fwd(q[:, rows], k_step[:, keys], v_step[:, keys], block_causal, scale)
+                block_out, block_lse = attention_fwd(q[:, rows], k_step[:, keys], v_step[:, keys], None, block_causal,
+                                                     scale, 0.0, None)
             if out is None:
                 out, lse = block_out.to(acc), block_lse.to(acc)
             else:
@@ -153,7 +154,7 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
             with timed_compute(q[:, rows], k_step[:, keys], block_causal, backward=True):
                 dq_block, dk_block, dv_block = attention_bwd(dout[:, rows], q[:, rows], k_step[:, keys],
                                                              v_step[:, keys], out[:, rows], lse[:, :, rows],
-                                                             block_causal, scale)
+                                                             None, block_causal, scale, 0.0, None)
             dq[:, rows] += dq_block
             kv_grads.append((keys, dk_block, dv_block))
         if dkv_transfer is not None:
