@@ -246,3 +246,39 @@ def test_ulysses_head_checks():
         check_ulysses_heads(6, 2, 4)
     with pytest.raises(ValueError, match="key/value heads Hkv=3"):
         check_ulysses_heads(12, 3, 4)
+
+
+def _agreement_on_a_side_group(rank: int, world: int) -> dict:
+    """CP groups taken for accelerator groups (NCCL/HCCL cannot run here): the input check goes over a
+    separate gloo group, for groups from new_cp_groups and for a plain process group alike."""
+    from mm_kernels.parallel import groups as cp_groups
+
+    cp_groups._on_gloo = lambda group: False
+    built = new_cp_groups([list(range(world))], ULYSSES)
+    plain = dist.new_group(list(range(world)))
+    side = cp_groups.agreement_group(plain)
+    outcome = {"separate": built.agreement is not built.cp and side is not plain,
+               "cached": cp_groups.agreement_group(plain) is side,
+               "gloo": dist.get_backend(built.agreement) == dist.get_backend(side) == "gloo"}
+    q = torch.randn(1, 4, 2, 8, generator=torch.Generator().manual_seed(rank))
+    outcome["good"] = cp_attention(q, q, q, ULYSSES, built).shape == q.shape
+    for name, group in (("built", built), ("plain", plain)):
+        bad = q[..., :4] if rank == 1 else q
+        start = time.monotonic()
+        try:
+            cp_attention(bad, q, q, RING, group)
+            outcome[name] = ("no error", 0.0)
+        except ValueError as error:
+            outcome[name] = (str(error), time.monotonic() - start)
+    return outcome
+
+
+@pytest.mark.distributed
+def test_input_agreement_of_an_accelerator_cp_group_runs_on_a_gloo_side_group():
+    for rank, outcome in enumerate(run_ranks(_agreement_on_a_side_group, 2, timeout=300, collective_timeout=60)):
+        assert outcome["separate"] and outcome["cached"] and outcome["gloo"] and outcome["good"], outcome
+        for name in ("built", "plain"):
+            error, seconds = outcome[name]
+            assert seconds < 20, f"rank {rank} {name}: waited for its peer"
+            expected = "k must have shape" if rank == 1 else "cp_attention: rank 1 of the context-parallel group"
+            assert error.startswith(expected), (rank, name, error)

@@ -1,9 +1,11 @@
 """``cp_attention``: attention over a sequence sharded across a context-parallel group.
 
 The inputs are checked on every rank before the first exchange, and the ranks agree on the outcome
-with one small all-reduce over the CP group: when one rank's inputs are invalid, or the ranks' shapes,
-dtypes or masks differ, every rank raises at once instead of the others waiting in an all-to-all or a
-ring exchange until the group's timeout.
+with one small all-reduce over the CP group's agreement group (the CP ranks on gloo, see
+:func:`mm_kernels.parallel.groups.agreement_group`): when one rank's inputs are invalid, or the ranks'
+shapes, dtypes or masks differ, every rank raises at once instead of the others waiting in an
+all-to-all or a ring exchange until the group's timeout. Only tensor metadata is exchanged, on the
+host, so on NCCL/HCCL the check costs no device sync.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from mm_kernels.ops.attention import check_attention_args, default_scale
-from mm_kernels.parallel.groups import CPGroups, cp_groups_of
+from mm_kernels.parallel.groups import CPGroups, agreement_group, cp_groups_of
 from mm_kernels.parallel.layout import ulysses_degree_of
 from mm_kernels.parallel.ring import RingComm, ring_attention
 from mm_kernels.parallel.ulysses import check_ulysses_heads, ulysses_attention
@@ -39,24 +41,15 @@ def _check_local(q: Tensor, k: Tensor, v: Tensor, algo: str, world: int, ulysses
                          f"got {q.shape[1] * degree}")
 
 
-def _collective_device(group: dist.ProcessGroup) -> torch.device:
-    backend = dist.get_backend(group)
-    if backend == "gloo":
-        return torch.device("cpu")
-    if backend == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("npu", torch.npu.current_device())
-
-
 def _agree(group: dist.ProcessGroup, error: Exception | None, q: Tensor, k: Tensor, causal: bool) -> None:
-    """Collective over ``group``: raises ``error`` on this rank, and a ValueError on the others, when any
-    rank failed its checks or the ranks' inputs differ in one of :data:`_AGREED`."""
+    """Collective over ``group`` (a gloo group): raises ``error`` on this rank, and a ValueError on the
+    others, when any rank failed its checks or the ranks' inputs differ in one of :data:`_AGREED`."""
     me = dist.get_rank(group)
     values = [0] * len(_AGREED) if error is not None else [
         *q.shape[:3], k.shape[2], q.shape[3], _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1, int(causal)]
     failed = me + 1 if error is not None else 0
     # One MAX all-reduce gives the last failed rank + 1 and, per value, its maximum and -minimum.
-    seen = torch.tensor([failed, *values, *(-x for x in values)], dtype=torch.int64, device=_collective_device(group))
+    seen = torch.tensor([failed, *values, *(-x for x in values)], dtype=torch.int64)
     dist.all_reduce(seen, op=dist.ReduceOp.MAX, group=group)
     seen = seen.tolist()
     if error is not None:
@@ -106,7 +99,7 @@ def cp_attention(q: Tensor, k: Tensor, v: Tensor, algo: str, cp_group: dist.Proc
         _check_local(q, k, v, algo, dist.get_world_size(group), degree)
     except (ValueError, TypeError) as failure:
         error = failure
-    _agree(group, error, q, k, causal)
+    _agree(agreement_group(cp_group), error, q, k, causal)
     groups = cp_groups_of(cp_group, algo, ulysses_degree)
     scale = default_scale(q, softmax_scale)
     attend = _ring_attention(groups, causal, scale)

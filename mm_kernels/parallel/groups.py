@@ -5,6 +5,11 @@ group and the ring across the stride-U groups: for CP ranks [0..7] and U = 2 the
 [0,1] [2,3] [4,5] [6,7] and the ring groups [0,2,4,6] [1,3,5,7]. A trainer that creates every
 group on every rank (as Megatron's parallel state does) calls :func:`new_cp_groups` with all CP
 groups' ranks; :func:`cp_groups_of` builds this rank's groups on first use from a CP group alone.
+
+Each CP group also has an agreement group (:func:`agreement_group`): the group over which
+``cp_attention`` checks, before any exchange, that every rank's inputs are valid. It is the CP group
+itself when that runs on gloo, else a gloo group over the same ranks, so the check's small all-reduce
+and its read-back stay on the host: on NCCL/HCCL they would cost a device sync per attention call.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ class CPGroups:
 
     ``cp``: the whole CP group; ``ulysses``: the all-to-all group (None when U = 1); ``ring``: the
     ring group (None when the ring has one rank); ``ring_overlap``: a second communicator over the
-    ring's ranks so sends and receives run on separate channels (``use_cp_send_recv_overlap``), or None.
+    ring's ranks so sends and receives run on separate channels (``use_cp_send_recv_overlap``), or None;
+    ``agreement``: the CP ranks on gloo (``cp`` itself when it runs on gloo), for the input check.
     """
 
     cp: dist.ProcessGroup
@@ -41,6 +47,7 @@ class CPGroups:
     ring: dist.ProcessGroup | None
     ring_overlap: dist.ProcessGroup | None
     ulysses_degree: int
+    agreement: dist.ProcessGroup
 
 
 def group_timeout(group: dist.ProcessGroup) -> datetime.timedelta | None:
@@ -59,6 +66,7 @@ def new_cp_groups(cp_rank_lists: list[list[int]], algo: str, ulysses_degree: int
     """Creates the groups of every CP group (a collective: every rank of the default group calls it with the
     same ``cp_rank_lists``, e.g. [[0, 1, 2, 3], [4, 5, 6, 7]] for CP 4 and DP 2) and returns this rank's.
 
+    On an accelerator backend it also creates a gloo group per CP group, the agreement group.
     Raises ValueError when this rank is in no list or the lists have different sizes.
     """
     sizes = {len(ranks) for ranks in cp_rank_lists}
@@ -67,10 +75,12 @@ def new_cp_groups(cp_rank_lists: list[list[int]], algo: str, ulysses_degree: int
     degree = ulysses_degree_of(algo, sizes.pop(), ulysses_degree)
     me = dist.get_rank()
     mine: dict[str, dist.ProcessGroup | None] = {"ulysses": None, "ring": None, "ring_overlap": None}
-    cp = None
+    cp = agreement = None
     for cp_ranks in cp_rank_lists:
         group = dist.new_group(cp_ranks, timeout=timeout, backend=backend)
-        cp = group if me in cp_ranks else cp
+        host = group if _on_gloo(group) else dist.new_group(cp_ranks, timeout=timeout, backend="gloo")
+        if me in cp_ranks:
+            cp, agreement = group, host
         ulysses_lists, ring_lists = hybrid_group_ranks(cp_ranks, degree)
         kinds = [("ulysses", ulysses_lists)] if degree > 1 else []
         if len(ring_lists[0]) > 1:
@@ -85,10 +95,32 @@ def new_cp_groups(cp_rank_lists: list[list[int]], algo: str, ulysses_degree: int
                     mine[kind] = sub
     if cp is None:
         raise ValueError(f"rank {me} is in none of cp_rank_lists {cp_rank_lists}")
-    return CPGroups(cp=cp, ulysses_degree=degree, **mine)
+    return CPGroups(cp=cp, ulysses_degree=degree, agreement=agreement, **mine)
+
+
+def _on_gloo(group: dist.ProcessGroup) -> bool:
+    return dist.get_backend(group) == "gloo"
 
 
 _lazy_groups: dict[tuple[str, int], CPGroups] = {}
+_lazy_agreement: dict[str, dist.ProcessGroup] = {}
+
+
+def agreement_group(cp_group: dist.ProcessGroup | CPGroups | None) -> dist.ProcessGroup:
+    """The gloo group over ``cp_group``'s ranks (None: the default group): its ``agreement`` for a
+    :class:`CPGroups`, the group itself on gloo, else one created on first use by the CP ranks alone
+    (every CP rank must make this call, as the first cp_attention call does) and cached. Raises nothing
+    about the inputs, so the ranks can agree on them through it."""
+    if isinstance(cp_group, CPGroups):
+        return cp_group.agreement
+    group = cp_group if cp_group is not None else dist.group.WORLD
+    if _on_gloo(group):
+        return group
+    if group.group_name not in _lazy_agreement:
+        _lazy_agreement[group.group_name] = dist.new_group(dist.get_process_group_ranks(group), backend="gloo",
+                                                           timeout=group_timeout(group),
+                                                           use_local_synchronization=True)
+    return _lazy_agreement[group.group_name]
 
 
 def cp_groups_of(cp_group: dist.ProcessGroup | CPGroups | None, algo: str,
@@ -119,5 +151,6 @@ def cp_groups_of(cp_group: dist.ProcessGroup | CPGroups | None, algo: str,
                              for lists in (ulysses_lists, ring_lists))
         else:
             ulysses, ring = (group, None) if degree > 1 else (None, group)
-        _lazy_groups[key] = CPGroups(cp=group, ulysses=ulysses, ring=ring, ring_overlap=None, ulysses_degree=degree)
+        _lazy_groups[key] = CPGroups(cp=group, ulysses=ulysses, ring=ring, ring_overlap=None, ulysses_degree=degree,
+                                     agreement=agreement_group(group))
     return _lazy_groups[key]
