@@ -88,7 +88,7 @@ def build_config(args: argparse.Namespace, launch: Launch) -> RunConfig:
     model.check(args)
     parallel.check(args)
     precision.check(args)
-    fused_kernels.check(args)
+    fused_kernels.check(args, launch.device_type)
     context_parallel.check(args)
     training.check(args, data_parallel_size)
     optimizer.check(args)

@@ -1,10 +1,13 @@
-"""Swaps megatron-core's RMSNorm, SwiGLU and MoE permute/unpermute for the mm_kernels ops (as MindSpeed does for NPU).
+"""Swaps megatron-core's RMSNorm, core attention, SwiGLU and MoE permute/unpermute for the mm_kernels ops
+(as MindSpeed does for NPU).
 
-Public API for any megatron-core trainer. The norm goes in through the layer spec, megatron-core's
-own seam, with no patching::
+Public API for any megatron-core trainer. The norm and the attention go in through the layer spec,
+megatron-core's own seam, with no patching::
 
-    from mm_kernels.integrations.megatron import MegatronFusedRMSNorm, apply_fused_kernels, norm_block_spec
+    from mm_kernels.integrations.megatron import (MegatronFlashAttention, MegatronFusedRMSNorm,
+                                                  apply_fused_kernels, core_attention_spec, norm_block_spec)
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = core_attention_spec(layer, MegatronFlashAttention)     # fused attention in every layer
     block = norm_block_spec(layer, config, MegatronFusedRMSNorm)   # every layer's norms and the final norm
     model = GPTModel(config, transformer_layer_spec=block, ...)
     apply_fused_kernels(swiglu=True, moe_permute=True)              # before the model is built
@@ -13,6 +16,10 @@ own seam, with no patching::
   eps)`` that builds :class:`mm_kernels.nn.FusedRMSNorm` (same parameter name and state dict as the
   torch RMSNorm it replaces). Its weight is marked ``sequence_parallel`` so megatron all-reduces its
   gradient over TP under sequence parallelism.
+- ``MegatronFlashAttention`` (:mod:`mm_kernels.integrations.megatron_attention`): megatron's
+  ``DotProductAttention`` (constructor, forward, masks, dropout under megatron's RNG tracker) on
+  :func:`mm_kernels.ops.attention.flash_attention`; :func:`core_attention_spec` puts a core attention
+  module into a layer spec.
 - ``rmsnorm`` (:func:`apply_fused_kernels`): for trainers that cannot pass a spec, every norm
   megatron-core builds through its torch-norm wrapper (``WrappedTorchNorm``) becomes the fused one
   when ``config.normalization == "RMSNorm"``; LayerNorm configs are left alone.
@@ -73,6 +80,19 @@ def swap_spec_module(spec, old: type, new: type):
         changes = {f.name: swap_spec_module(getattr(spec, f.name), old, new) for f in dataclasses.fields(spec) if f.init}
         return dataclasses.replace(spec, **changes)
     return spec
+
+
+def core_attention_spec(layer_spec, module: type, params: dict | None = None):
+    """``layer_spec`` (a TransformerLayer ModuleSpec with self-attention) with ``module`` (built with
+    ``params`` besides megatron's arguments) as its core attention. The input is not modified."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    attention = layer_spec.submodules.self_attention
+    core = ModuleSpec(module=module, params=params or {})
+    attention = dataclasses.replace(attention, submodules=dataclasses.replace(attention.submodules,
+                                                                              core_attention=core))
+    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(layer_spec.submodules,
+                                                                          self_attention=attention))
 
 
 def norm_block_spec(layer_spec, config, norm: type, vp_stage: int | None = None, pp_rank: int | None = None):
@@ -163,3 +183,12 @@ def apply_fused_kernels(rmsnorm: bool = False, swiglu: bool = False, moe_permute
             patch.set(module, "permute", megatron_permute)
             patch.set(module, "unpermute", megatron_unpermute)
     return patch
+
+
+def __getattr__(name: str):
+    # MegatronFlashAttention subclasses megatron-core's MegatronModule: imported (with megatron) on first use.
+    if name == "MegatronFlashAttention":
+        from mm_kernels.integrations.megatron_attention import MegatronFlashAttention
+
+        return MegatronFlashAttention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

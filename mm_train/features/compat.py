@@ -16,8 +16,6 @@ INACTIVE_FLAGS = (
     "no_bias_dropout_fusion",
     "no_bias_swiglu_fusion",
     "no_rope_fusion",
-    "attention_softmax_in_fp32",
-    "use_flash_attn",
     "use_fused_rotary_pos_emb",
     "reuse_fp32_param",
     "enable_one_logger",

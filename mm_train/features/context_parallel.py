@@ -28,6 +28,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from torch import Tensor
 
+from mm_kernels.integrations.megatron import core_attention_spec
 from mm_kernels.parallel import (
     CP_ALGOS,
     HYBRID,
@@ -209,11 +210,7 @@ def context_parallel_layer_spec(spec: ModuleSpec, context_parallel: ContextParal
     ``spec`` itself when ``context_parallel`` is None."""
     if context_parallel is None:
         return spec
-    attention = spec.submodules.self_attention
-    core = ModuleSpec(module=ContextParallelAttention, params={"context_parallel": context_parallel})
-    attention = dataclasses.replace(
-        attention, submodules=dataclasses.replace(attention.submodules, core_attention=core))
-    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
+    return core_attention_spec(spec, ContextParallelAttention, {"context_parallel": context_parallel})
 
 
 class GlobalPositionRotaryEmbedding(torch.nn.Module):

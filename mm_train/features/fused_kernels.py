@@ -1,7 +1,13 @@
-"""The fused kernels: ``--use-fused-rmsnorm`` and ``--use-fused-swiglu`` (``--moe-permute-fusion`` is a
-MoE flag, applied here too), their checks, :class:`FusedKernelsConfig`, and how they reach
-megatron-core through :mod:`mm_kernels.integrations.megatron`:
+"""The fused kernels: ``--use-flash-attn``, ``--use-fused-rmsnorm`` and ``--use-fused-swiglu``
+(``--moe-permute-fusion`` is a MoE flag, applied here too), their checks, :class:`FusedKernelsConfig`,
+and how they reach megatron-core through :mod:`mm_kernels.integrations.megatron`:
 
+- attention through the layer spec (:func:`attention_layer_spec`): with --use-flash-attn every
+  layer's core attention is :class:`~mm_kernels.integrations.megatron_attention.MegatronFlashAttention`
+  (mm_kernels' fused attention: ATen's flash attention on CPU, Triton on CUDA, npu_fusion_attention
+  on Ascend); with context parallelism the context-parallel attention, which runs the same kernels,
+  takes its place whatever the flag. Attention dropout is fused only in the Triton kernel: on CPU
+  and Ascend --use-flash-attn needs --attention-dropout 0;
 - RMSNorm through the layer spec (megatron-core's seam; :func:`norm_module`), for every layer's norms
   and the final norm;
 - SwiGLU (``bias_swiglu_impl``, used with ``bias_activation_fusion``) and MoE permute/unpermute by
@@ -15,7 +21,15 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from mm_kernels.integrations.megatron import FusedKernelPatch, MegatronFusedRMSNorm, apply_fused_kernels
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from mm_kernels.integrations.megatron import (
+    FusedKernelPatch,
+    MegatronFusedRMSNorm,
+    apply_fused_kernels,
+    core_attention_spec,
+)
+from mm_kernels.integrations.megatron_attention import MegatronFlashAttention
 from mm_train.errors import ConfigError
 from mm_train.features.moe import MoEConfig
 
@@ -24,28 +38,48 @@ from mm_train.features.moe import MoEConfig
 class FusedKernelsConfig:
     """Which megatron-core ops run on mm_kernels (MoE permute: ``MoEConfig.moe_permute_fusion``)."""
 
+    flash_attn: bool = False
     rmsnorm: bool = False
     swiglu: bool = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds --use-fused-rmsnorm and --use-fused-swiglu."""
+    """Adds --use-flash-attn, --use-fused-rmsnorm and --use-fused-swiglu."""
     group = parser.add_argument_group("fused kernels")
+    group.add_argument("--use-flash-attn", action="store_true",
+                       help="fused attention (no [b, heads, s, s] scores); dropout fused on CUDA only")
     group.add_argument("--use-fused-rmsnorm", action="store_true")
     group.add_argument("--use-fused-swiglu", action="store_true")
 
 
-def check(args: argparse.Namespace) -> None:
-    """A fused kernel needs the op it replaces in the model."""
+# Devices whose attention kernel has no dropout: why.
+_NO_FUSED_DROPOUT = {
+    "cpu": "ATen's CPU flash attention has no dropout",
+    "npu": "npu_fusion_attention draws its own dropout mask, which mm_kernels' attention cannot replay",
+}
+
+
+def check(args: argparse.Namespace, device_type: str) -> None:
+    """A fused kernel needs the op it replaces in the model; the fused attention's dropout needs CUDA."""
     if args.use_fused_rmsnorm and args.normalization != "RMSNorm":
         raise ConfigError("--use-fused-rmsnorm needs --normalization RMSNorm")
     if args.use_fused_swiglu and not args.swiglu:
         raise ConfigError("--use-fused-swiglu needs --swiglu")
+    if args.use_flash_attn and args.attention_dropout > 0 and device_type in _NO_FUSED_DROPOUT:
+        raise ConfigError(f"--use-flash-attn with --attention-dropout {args.attention_dropout} is not supported on "
+                          f"{device_type} ({_NO_FUSED_DROPOUT[device_type]}): pass --attention-dropout 0, or leave "
+                          "out --use-flash-attn for megatron's attention with dropout")
 
 
 def to_config(args: argparse.Namespace) -> FusedKernelsConfig:
     """The :class:`FusedKernelsConfig` of the (checked) flags."""
-    return FusedKernelsConfig(rmsnorm=args.use_fused_rmsnorm, swiglu=args.use_fused_swiglu)
+    return FusedKernelsConfig(flash_attn=args.use_flash_attn, rmsnorm=args.use_fused_rmsnorm,
+                              swiglu=args.use_fused_swiglu)
+
+
+def attention_layer_spec(spec: ModuleSpec, kernels: FusedKernelsConfig) -> ModuleSpec:
+    """``spec`` (a TransformerLayer spec) with the fused core attention under --use-flash-attn, else itself."""
+    return core_attention_spec(spec, MegatronFlashAttention) if kernels.flash_attn else spec
 
 
 def norm_module(kernels: FusedKernelsConfig) -> type | None:

@@ -7,6 +7,12 @@ With --fp16 the loss is multiplied by the loss scale before the backward pass; a
 gradients overflow is skipped (no update, the schedule does not advance) and the scale halves once
 ``hysteresis`` overflows have been seen; after ``loss_scale_window`` iterations without one it
 doubles. The loss-scale flags have no effect without --fp16.
+
+``--attention-softmax-in-fp32`` (Megatron's flag and default: off) runs megatron's unfused attention
+masking and softmax in fp32; off, the bf16/fp16 scores go into the softmax as they are (torch's
+softmax accumulates in fp32 either way), which saves casting the [b, heads, s, s] scores to fp32 and
+the probabilities back, forward and backward. The fused attention (--use-flash-attn, context
+parallelism) always computes its softmax in fp32 without casts.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ class PrecisionConfig:
     min_loss_scale: float = 1.0
     loss_scale_window: float = 1000.0
     hysteresis: int = 2
+    attention_softmax_in_fp32: bool = False
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -39,7 +46,7 @@ class PrecisionConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds --bf16, --fp16 and the loss-scale flags."""
+    """Adds --bf16, --fp16, the loss-scale flags and --attention-softmax-in-fp32."""
     group = parser.add_argument_group("precision")
     group.add_argument("--bf16", action="store_true")
     group.add_argument("--fp16", action="store_true")
@@ -50,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="fp16: iterations without overflow before the loss scale doubles")
     group.add_argument("--hysteresis", type=positive_int, default=2,
                        help="fp16: overflows before the loss scale halves")
+    group.add_argument("--attention-softmax-in-fp32", action="store_true",
+                       help="bf16/fp16: megatron's unfused attention masks and softmaxes in fp32")
 
 
 def check(args: argparse.Namespace) -> None:

@@ -1,7 +1,8 @@
 """The GPT model: megatron-core's GPTModel with the local (non-Transformer-Engine) layer spec.
 
-The spec is where the features go in: the MoE MLP (:mod:`mm_train.features.moe`), the
-context-parallel core attention (:mod:`mm_train.features.context_parallel`), and the norm of every
+The spec is where the features go in: the MoE MLP (:mod:`mm_train.features.moe`), the core
+attention (the fused one with --use-flash-attn, :mod:`mm_train.features.fused_kernels`; the
+context-parallel one, :mod:`mm_train.features.context_parallel`, with CP), and the norm of every
 layer and of the final layer: mm_kernels' fused RMSNorm with --use-fused-rmsnorm
 (:mod:`mm_train.features.fused_kernels`), else :class:`TorchNorm`. Parameters are initialised by
 :mod:`mm_train.model.init`, the same for every parallel layout.
@@ -77,6 +78,7 @@ def transformer_config(config: RunConfig) -> TransformerConfig:
         pipeline_dtype=dtype,
         bf16=precision.bf16,
         fp16=precision.fp16,
+        attention_softmax_in_fp32=precision.attention_softmax_in_fp32,
         calculate_per_token_loss=config.training.loss_mode == "per_token",
         deallocate_pipeline_outputs=True,
         batch_p2p_comm=False,
@@ -106,7 +108,8 @@ def build_model(config: RunConfig, transformer: TransformerConfig, vocab_size: i
     set later); with ``context_parallel``, its attention and rotary embedding work on CP-sharded
     sequences."""
     model = config.model
-    layer = context_parallel_layer_spec(moe.layer_spec(config.moe, model.normalization), context_parallel)
+    layer = fused_kernels.attention_layer_spec(moe.layer_spec(config.moe, model.normalization), config.fused_kernels)
+    layer = context_parallel_layer_spec(layer, context_parallel)
     norm = fused_kernels.norm_module(config.fused_kernels) or TorchNorm
     gpt = GPTModel(
         config=transformer,
