@@ -17,6 +17,7 @@ from mm_train.checkpoint.compatibility import completed_iteration
 from mm_train.config import FEATURES, build_config
 from mm_train.engines import build_engine
 from mm_train.errors import ConfigError, UserError
+from mm_train.features import allocator
 from mm_train.features.resilience import RunGuard
 from mm_train.launch import init_process_group, read_launch
 from mm_train.loop import train
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         _error(error)
         return 2
+    allocator.apply(config.allocator)
     engine = None
     guard = RunGuard(config.resilience)
     try:

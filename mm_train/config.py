@@ -12,6 +12,7 @@ from datetime import timedelta
 import torch
 
 from mm_train.features import (
+    allocator,
     checkpointing,
     compat,
     context_parallel,
@@ -31,8 +32,8 @@ from mm_train.features import (
 from mm_train.launch import Launch
 
 # Every feature of the command line, in the order of the --help groups.
-FEATURES = (model, precision, training, optimizer, recompute, parallel, fused_kernels, checkpointing, resilience,
-            logging, data, fsdp2, context_parallel, moe, compat)
+FEATURES = (model, precision, training, optimizer, recompute, parallel, fused_kernels, allocator, checkpointing,
+            resilience, logging, data, fsdp2, context_parallel, moe, compat)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class RunConfig:
     moe: moe.MoEConfig | None
     fsdp2: fsdp2.FSDP2Settings | None
     fused_kernels: fused_kernels.FusedKernelsConfig
+    allocator: allocator.AllocatorConfig
     recompute: recompute.RecomputeConfig
     data: data.DataConfig
     checkpoint: checkpointing.CheckpointConfig
@@ -110,6 +112,7 @@ def build_config(args: argparse.Namespace, launch: Launch) -> RunConfig:
         moe=moe.to_config(args),
         fsdp2=fsdp2.to_config(args, world),
         fused_kernels=fused_kernels.to_config(args),
+        allocator=allocator.to_config(args),
         recompute=recompute.to_config(args),
         data=data.to_config(args, pad_multiple),
         checkpoint=checkpointing.to_config(args),
