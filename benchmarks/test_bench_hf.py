@@ -35,7 +35,7 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "gpt2"], "invalid choice"),
-    (["--steps", "0"], "--steps must be >= 1"),
+    (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
     (["--model", "qwen2_5_vl", "--seq", "8"], "too short"),
 ])
 def test_bad_arguments(argv, message, capsys):

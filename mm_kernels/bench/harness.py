@@ -11,7 +11,10 @@ cache flushed before each call (``triton.testing.do_bench`` when triton is insta
 
 from __future__ import annotations
 
+import argparse
+import concurrent.futures
 import dataclasses
+import multiprocessing
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -252,3 +255,35 @@ def format_table(results: Sequence[BenchResult]) -> str:
     lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join(lines)
+
+
+def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a new (spawned) Python process; its result, or its exception raised here."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def add_step_arguments(parser: argparse.ArgumentParser, steps: int, steps_help: str) -> None:
+    """Adds --steps (default ``steps``), --warmup, --threads and --json, the options every training-step
+    benchmark takes; --steps and --threads must be >= 1, --warmup >= 0 (argparse's one-line error)."""
+    parser.add_argument("--steps", type=at_least(1), default=steps, help=f"{steps_help} (default {steps})")
+    parser.add_argument("--warmup", type=at_least(0), default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--threads", type=at_least(1), default=torch.get_num_threads(),
+                        help=f"CPU threads per run (default {torch.get_num_threads()})")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse

@@ -15,10 +15,8 @@ two steps alone in a fresh process; reported is its peak above what it held befo
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import copy
 import json
-import multiprocessing
 import resource
 import statistics
 import sys
@@ -26,7 +24,7 @@ import time
 
 import torch
 
-from mm_kernels.bench.harness import DTYPES
+from mm_kernels.bench.harness import DTYPES, add_step_arguments, at_least, in_fresh_process
 from mm_kernels.bench.hf_models import MODEL_TYPES, SIZES
 
 VARIANTS = ("original", "fused")
@@ -114,12 +112,6 @@ def peak_step_memory(model_type: str, variant: str, size: str, dtype_name: str, 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10 - held
 
 
-def _in_fresh_process(fn, *args):
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(fn, *args).result()
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mm-bench hf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,19 +120,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--size", default="small", choices=sorted(SIZES))
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant, interleaved (default 8)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help=f"CPU threads per run (default {torch.get_num_threads()})")
-    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--batch", type=at_least(1), default=4)
+    parser.add_argument("--seq", type=at_least(1), default=256, help="tokens per sequence (default 256)")
+    add_step_arguments(parser, 8, "timed steps per variant, interleaved")
     args = parser.parse_args(argv)
-    for name in ("batch", "seq", "steps", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.seq < (SIZES[args.size].image_side // 2) ** 2 + 4:
         parser.error(f"--seq {args.seq} is too short for the image placeholder of the {args.size} vision models")
     return args
@@ -179,9 +162,9 @@ def run_hf_bench(argv: list[str]) -> int:
     shape = (args.size, args.dtype, args.device, args.batch, args.seq)
     results = []
     for model_type in args.model:
-        timed = _in_fresh_process(time_variants, model_type, *shape, args.steps, args.warmup, args.threads)
+        timed = in_fresh_process(time_variants, model_type, *shape, args.steps, args.warmup, args.threads)
         for variant in VARIANTS:
-            peak = _in_fresh_process(peak_step_memory, model_type, variant, *shape, args.threads)
+            peak = in_fresh_process(peak_step_memory, model_type, variant, *shape, args.threads)
             results.append({"model": model_type, "variant": variant, **timed[variant], "peak_mb": peak})
             print(f"{model_type} {variant}: {timed[variant]['ms_per_step']:.1f} ms/step, {peak:.0f} MB",
                   file=sys.stderr, flush=True)
