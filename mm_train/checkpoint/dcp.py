@@ -18,6 +18,7 @@ Files are read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,13 +61,16 @@ class LoadedCheckpoint:
 def save_dcp_checkpoint(checkpoint_dir: str | Path, iteration: int, model: nn.Module,
                         optimizer: torch.optim.Optimizer | None, *, scheduler: Any = None,
                         consumed_samples: int = 0, save_optim: bool = True, save_rng: bool = True,
-                        rng_tracker: Any = None, extra: dict[str, Any] | None = None) -> Path:
+                        rng_tracker: Any = None, extra: dict[str, Any] | None = None,
+                        write_also: Callable[[Path], None] | None = None) -> Path:
     """Writes iteration ``iteration`` under ``checkpoint_dir`` atomically; collective over all ranks.
 
     ``model`` is the module whose ``named_parameters`` are the global names (FSDP2-sharded or
     plain); ``optimizer`` is saved unless ``save_optim`` is False (``--no-save-optim``);
     ``scheduler`` is anything with ``state_dict()``; RNG states unless ``save_rng`` is False;
-    ``extra`` is a small dict of tensors/numbers/strings returned as ``LoadedCheckpoint.extra``.
+    ``extra`` is a small dict of tensors/numbers/strings returned as ``LoadedCheckpoint.extra``;
+    ``write_also(staging)`` runs on every rank after the rest is written, to add files (e.g. a
+    Hugging Face copy of the model) that become part of the checkpoint atomically.
     Returns the final iteration directory.
     """
 
@@ -89,6 +93,8 @@ def save_dcp_checkpoint(checkpoint_dir: str | Path, iteration: int, model: nn.Mo
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "extra": extra or {},
             }, staging / COMMON_FILENAME)
+        if write_also is not None:
+            write_also(staging)
 
     return save_atomically(checkpoint_dir, iteration, write)
 

@@ -50,6 +50,12 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+def keyed_normal(shape: list[int], std: float, seed: int, name: str) -> torch.Tensor:
+    """fp32 N(0, std) of ``shape`` drawn from a generator keyed by (seed, name): the same values in
+    every process and layout."""
+    return torch.empty(shape).normal_(0.0, std, generator=_generator(seed, name))
+
+
 def full_shape(param: torch.nn.Parameter, tp_size: int) -> list[int]:
     """Shape of the whole parameter before tensor-parallel partitioning."""
     shape = list(param.shape)
@@ -68,7 +74,7 @@ def draw_full(name: str, shape: list[int], seed: int, config: TransformerConfig)
     std = config.init_method_std
     if name.endswith(_SCALED_INIT):
         std = std / math.sqrt(2.0 * config.num_layers)
-    return torch.empty(shape).normal_(0.0, std, generator=_generator(seed, name))
+    return keyed_normal(shape, std, seed, name)
 
 
 def tp_slice(full: torch.Tensor, param: torch.nn.Parameter, tp_rank: int, tp_size: int) -> torch.Tensor:
