@@ -13,3 +13,7 @@ class ConfigError(UserError, ValueError):
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be loaded (missing, partial, corrupt, or from another layout)."""
+
+
+class DataError(UserError, ValueError):
+    """A data set that cannot be used (a missing or unreadable file, a malformed record)."""
