@@ -21,6 +21,7 @@ from mm_train.features import (
     logging,
     model,
     moe,
+    multimodal,
     optimizer,
     parallel,
     precision,
@@ -31,7 +32,7 @@ from mm_train.launch import Launch
 
 # Every feature of the command line, in the order of the --help groups.
 FEATURES = (model, precision, training, optimizer, recompute, parallel, fused_kernels, checkpointing, logging, data,
-            fsdp2, context_parallel, moe, compat)
+            fsdp2, context_parallel, moe, multimodal, compat)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class RunConfig:
     checkpoint: checkpointing.CheckpointConfig
     logging: logging.LoggingConfig
     inactive_flags: tuple[str, ...] = ()
+    multimodal: multimodal.MultimodalConfig | None = None
 
     def record(self) -> dict:
         """This configuration as plain values (dicts, lists, str, numbers, None), e.g. for a checkpoint."""
@@ -78,7 +80,13 @@ def build_config(args: argparse.Namespace, launch: Launch) -> RunConfig:
     """
     world = launch.world_size
     compat.check(args)
-    fsdp2.check(args, world)
+    files = multimodal.read_files(args)
+    ignored = multimodal.fill_defaults(args, files) if files is not None else ()
+    model.require_sizes(args)
+    if files is None:
+        fsdp2.check(args, world)
+    else:
+        multimodal.check(args, files, world)
     data_parallel_size = parallel.check_layout(args, world)
     model.fill_defaults(args)
     parallel.fill_defaults(args)
@@ -91,7 +99,8 @@ def build_config(args: argparse.Namespace, launch: Launch) -> RunConfig:
     training.check(args, data_parallel_size)
     optimizer.check(args)
     recompute.check(args)
-    moe.check(args, world // args.pipeline_model_parallel_size)
+    if files is None:
+        moe.check(args, world // args.pipeline_model_parallel_size)
     data.check(args)
     checkpointing.check(args)
     logging.check(args)
@@ -106,11 +115,12 @@ def build_config(args: argparse.Namespace, launch: Launch) -> RunConfig:
         parallel=parallel.to_config(args, launch, data_parallel_size),
         context_parallel=cp,
         moe=moe.to_config(args),
-        fsdp2=fsdp2.to_config(args, world),
+        fsdp2=fsdp2.to_config(args, world) if files is None else multimodal.fsdp2_settings(args, world),
         fused_kernels=fused_kernels.to_config(args),
         recompute=recompute.to_config(args),
         data=data.to_config(args, pad_multiple),
         checkpoint=checkpointing.to_config(args),
         logging=logging.to_config(args),
-        inactive_flags=compat.inactive_flags_used(args),
+        inactive_flags=compat.inactive_flags_used(args) + ignored,
+        multimodal=multimodal.to_config(args, files) if files is not None else None,
     )

@@ -23,15 +23,15 @@ TINY = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64
         "--num-workers 0").split()
 
 
-def run_train(args: list[str], nproc: int = 1, timeout: float = 300, env: dict | None = None):
-    """Runs ``python -m mm_train args`` (under torchrun when nproc > 1); returns the CompletedProcess."""
+def run_train(args: list[str], nproc: int = 1, timeout: float = 300, env: dict | None = None, cwd: Path = ROOT):
+    """Runs ``python -m mm_train args`` in ``cwd`` (under torchrun when nproc > 1); returns the CompletedProcess."""
     if nproc == 1:
         command = [sys.executable, "-m", "mm_train", *args]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                    "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "mm_train", *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 def losses(result) -> list[float]:

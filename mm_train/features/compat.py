@@ -27,9 +27,6 @@ INACTIVE_FLAGS = (
 # Parsed, then refused: (destination, value meaning "not given").
 SCALE_OUT_FLAGS = (
     ("num_layers_per_virtual_pipeline_stage", None),
-    ("mm_data", None),
-    ("mm_model", None),
-    ("mm_tool", None),
 )
 
 
@@ -40,9 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         inactive.add_argument(flag(name), action="store_true")
     scale_out = parser.add_argument_group("scale-out features (parsed, not yet supported)")
     scale_out.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
-    scale_out.add_argument("--mm-data", default=None)
-    scale_out.add_argument("--mm-model", default=None)
-    scale_out.add_argument("--mm-tool", default=None)
 
 
 def check(args: argparse.Namespace) -> None:

@@ -7,7 +7,9 @@ import argparse
 from dataclasses import dataclass
 
 from mm_train.errors import ConfigError
-from mm_train.features import fields_from
+from mm_train.features import fields_from, flag
+
+_SIZES = ("num_layers", "hidden_size", "num_attention_heads")
 
 
 @dataclass(frozen=True)
@@ -41,11 +43,11 @@ class ModelConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the model flags."""
     group = parser.add_argument_group("model")
-    group.add_argument("--num-layers", type=int, required=True)
-    group.add_argument("--hidden-size", type=int, required=True)
+    group.add_argument("--num-layers", type=int, default=None, help="required unless --mm-model gives the model")
+    group.add_argument("--hidden-size", type=int, default=None, help="required unless --mm-model gives the model")
     group.add_argument("--ffn-hidden-size", type=int, default=None,
                        help="default 4*hidden, or 8/3*hidden rounded up to 64 with --swiglu")
-    group.add_argument("--num-attention-heads", type=int, required=True)
+    group.add_argument("--num-attention-heads", type=int, default=None, help="required unless --mm-model gives the model")
     group.add_argument("--kv-channels", type=int, default=None)
     group.add_argument("--group-query-attention", action="store_true")
     group.add_argument("--num-query-groups", type=int, default=1)
@@ -69,6 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _swiglu_ffn_default(hidden: int) -> int:
     return ((int(4 * hidden * 2 / 3) + 63) // 64) * 64
+
+
+def require_sizes(args: argparse.Namespace) -> None:
+    """ConfigError naming the size flags that are missing (--mm-model fills them from the model)."""
+    missing = [flag(dest) for dest in _SIZES if vars(args)[dest] is None]
+    if missing:
+        raise ConfigError(f"the following arguments are required: {', '.join(missing)}")
 
 
 def fill_defaults(args: argparse.Namespace) -> None:
