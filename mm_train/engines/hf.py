@@ -107,7 +107,8 @@ class HFEngine(Engine):
             _print0(f"fused kernels: {counts} module(s) of {report.model_class}")
         self.entry = TextModelEntry(self.model, cp, self.cp_rank)
         self.image_token_id = self.model.config.image_token_id
-        self.optimizer = FSDP2Optimizer(build_torch_optimizer(config.optimizer, self.model.named_parameters()),
+        fused = launch.device_type in ("cpu", "cuda")
+        self.optimizer = FSDP2Optimizer(build_torch_optimizer(config.optimizer, self.model.named_parameters(), fused),
                                         config.optimizer.clip_grad)
         self.scheduler = build_scheduler(config.optimizer, config.training, self.optimizer)
         self.aux_loss_coef = multimodal.model.router_aux_loss_coef if "num_experts" in multimodal.model.text_config \

@@ -241,6 +241,18 @@ def _set_prefetch(units: list[nn.Module], forward: int, backward: int) -> None:
             unit.set_modules_to_backward_prefetch(units[max(0, i - backward):i][::-1])
 
 
+def apply_recompute(model: nn.Module, config: FSDP2Config) -> None:
+    """Activation checkpointing (recomputation in backward) on the ``recompute_modules`` of ``model``."""
+    for module in select_modules(model, config.recompute_modules, "recompute_modules"):
+        checkpoint(module)
+
+
+def needs_fsdp2_on_one_rank(config: FSDP2Config) -> bool:
+    """Whether ``config`` asks FSDP2 for something besides sharding: mixed precision or CPU offload."""
+    return (config.offload_to_cpu or config.param_dtype is not None or config.reduce_dtype is not None
+            or config.output_dtype is not None)
+
+
 def apply_fsdp2(model: nn.Module, config: FSDP2Config, mesh: DeviceMesh | None = None) -> nn.Module:
     """Shards ``model`` in place with ``fully_shard`` per ``config`` and returns it.
 
@@ -266,8 +278,7 @@ def apply_fsdp2(model: nn.Module, config: FSDP2Config, mesh: DeviceMesh | None =
         if not param.is_meta:
             param.data = param.data.to(device)
     wrapped = select_modules(model, config.sub_modules_to_wrap, "sub_modules_to_wrap")
-    for module in select_modules(model, config.recompute_modules, "recompute_modules"):
-        checkpoint(module)
+    apply_recompute(model, config)
     offload = OffloadPolicy()
     if config.offload_to_cpu:
         offload = CPUOffloadPolicy(pin_memory=config.pin_memory and device_type() != "cpu")

@@ -17,11 +17,18 @@ import json
 import os
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mm_kernels.integrations.transformers import FusedKernelReport, apply_fused_kernels
 from mm_train.errors import CheckpointError
-from mm_train.features.fsdp2 import FSDP2Config, apply_fsdp2
+from mm_train.features.fsdp2 import (
+    FSDP2Config,
+    apply_fsdp2,
+    apply_recompute,
+    needs_fsdp2_on_one_rank,
+    select_modules,
+)
 from mm_train.model.hf.spec import VisionLanguageModelSpec
 from mm_train.model.init import FullValue, init_parameters_, keyed_normal, materialize_meta_model
 
@@ -162,7 +169,8 @@ def build_model(spec: VisionLanguageModelSpec, sharding: FSDP2Config, device: to
                 seed: int, text_attention: str, fused: dict[str, bool],
                 mesh=None) -> tuple[nn.Module, FusedKernelReport | None]:
     """The FSDP2-sharded fp32 model of ``spec`` on ``device`` and the report of the fused kernels
-    (None when none is asked for).
+    (None when none is asked for). On one rank without FSDP2 mixed precision or offload the model is
+    left unsharded (FSDP2 would only copy it back and forth); recomputation applies either way.
 
     Weights: ``spec.weights_path`` when set, else random (see the module doc). ``meta``: build on the
     meta device, shard, then allocate and fill only this rank's shards. ``text_attention``: the text
@@ -191,7 +199,14 @@ def build_model(spec: VisionLanguageModelSpec, sharding: FSDP2Config, device: to
     full_value = None
     if meta:
         full_value = checkpoint_values(spec.weights_path) if spec.weights_path else random_values(model, std, seed)
-    apply_fsdp2(model, sharding_for(model, spec, sharding), mesh)
+    sharding = sharding_for(model, spec, sharding)
+    if dist.get_world_size() > 1 or needs_fsdp2_on_one_rank(sharding):
+        apply_fsdp2(model, sharding, mesh)
+    else:   # one rank and no mixed precision: FSDP2 would shard nothing and only copy
+        select_modules(model, sharding.sub_modules_to_wrap, "sub_modules_to_wrap")
+        apply_recompute(model, sharding)
     if meta:
         materialize_meta_model(model, device, full_value, init_buffers)
+    else:
+        model.to(device)
     return model, report
