@@ -13,7 +13,7 @@ MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-6000}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
-TRAIN_ITERS=${TRAIN_ITERS:-120}
+TRAIN_ITERS=${TRAIN_ITERS:-100}
 CKPT_DIR=${CKPT_DIR:-./ckpt/tiny_qwen25vl_json}
 CP=${CP:-1}
 
@@ -40,8 +40,9 @@ GPT_ARGS="
     --micro-batch-size 8 \
     --global-batch-size 16 \
     --train-iters ${TRAIN_ITERS} \
-    --lr 5e-3 \
-    --lr-decay-style constant \
+    --lr 3e-3 \
+    --min-lr 3e-4 \
+    --lr-decay-style cosine \
     --lr-warmup-fraction 0.1 \
     --weight-decay 0 \
     --clip-grad 1.0 \

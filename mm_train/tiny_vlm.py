@@ -5,8 +5,9 @@
   ``model.safetensors``, a byte-level BPE tokenizer trained here with ``tokenizers``, the PIL image
   processor's ``preprocessor_config.json``);
 - ``data/``: coloured shapes drawn here (``images/*.png``) and questions about them in MindSpeed-MM's
-  mllm format (``train.json``, ``valid.json``: "What colour is the shape?" -> "red", "What shape is
-  this?" -> "circle"), and the same questions about blank images (``train_blank.json``,
+  mllm format (``train.json``, ``valid.json``: "What colour is the shape?" -> "red" three times in four,
+  "What shape is this?" -> "circle" otherwise; the colour is learnt within a hundred steps, the shape
+  takes longer), and the same questions about blank images (``train_blank.json``,
   ``valid_blank.json``), to show that a trained model reads the pixels.
 
 ``examples/finetune_tiny_qwen25vl.yaml`` (and the ``model``/``data`` JSON pair beside it) train on it.
@@ -113,7 +114,7 @@ def draw_shape(colour: str, shape: str, side: int, rng: random.Random) -> Image.
 
 
 def _record(image: str, colour: str, shape: str, rng: random.Random) -> dict:
-    kind = rng.choice(sorted(QUESTIONS))
+    kind = rng.choices(("colour", "shape"), weights=(3, 1))[0]
     return {"messages": [{"role": "user", "content": f"<image>{QUESTIONS[kind]}"},
                          {"role": "assistant", "content": colour if kind == "colour" else shape}],
             "images": [image]}

@@ -136,3 +136,23 @@ def test_meta_build_fused_kernels_and_a_rank_without_images():
     assert first["frozen"] and all(part_of(name) == "text_decoder" for name in first["frozen"])
     assert not any(name in first["grads"] for name in first["frozen"])
     assert "'ignored_modules' ['0'] holds trainable parameters" in first["refused"] and first["ignored_whole"]
+
+
+def _moe_with_fused_permute(rank: int, world: int) -> dict:
+    spec = _spec("qwen3_vl_moe")
+    model, report = _build(spec, fused={"rms_norm": False, "swiglu": False, "moe_permute": True})
+    batch = _inputs("qwen3_vl_moe", 12)
+    ids = batch["input_ids"]
+    positions, _ = model.model.get_rope_index(ids, (ids == IMAGE).int(), image_grid_thw=batch["image_grid_thw"])
+    output = model(input_ids=ids, pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                   position_ids=positions, use_cache=False, output_router_logits=True)
+    (output.logits.float().square().mean() + output.aux_loss).backward()
+    experts = [param.grad for name, param in model.named_parameters() if ".experts." in name]
+    return {"counts": report.counts(), "aux": output.aux_loss.item(),
+            "expert_grads": bool(experts) and all(g is not None and torch.isfinite(g).all() for g in experts)}
+
+
+@pytest.mark.distributed
+def test_qwen3_vl_moe_trains_with_fused_permute():
+    result = run_ranks(_moe_with_fused_permute, 1, timeout=240)[0]
+    assert result["counts"] == {"moe_experts": 2} and result["aux"] > 0 and result["expert_grads"]
