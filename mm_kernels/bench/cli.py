@@ -3,7 +3,8 @@
 Kernels are the modules of ``mm_kernels.bench`` that define ``KERNEL`` and ``cases()``.
 ``mm-bench cp [options]`` benchmarks context-parallel attention on spawned processes instead
 (``mm_kernels.bench.cp``; ``mm-bench cp --help``). ``mm-bench hf [options]`` times Hugging Face training
-steps with and without the fused kernels (``mm_kernels.bench.hf``; ``mm-bench hf --help``).
+steps with and without the fused kernels (``mm_kernels.bench.hf``; ``mm-bench hf --help``). ``mm-bench vlm
+[options]`` times mm-train's multimodal path beside a plain transformers loop (``mm_kernels.bench.vlm``).
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         from mm_kernels.bench.hf import run_hf_bench
 
         return run_hf_bench(argv[1:])
+    if argv[:1] == ["vlm"]:
+        from mm_kernels.bench.vlm import run_vlm_bench
+
+        return run_vlm_bench(argv[1:])
     modules = kernel_modules()
     args = parse_args(argv, sorted(modules))
     names = sorted(modules) if "all" in args.kernels else args.kernels
