@@ -15,17 +15,26 @@ import sys
 
 import torch
 
+from mm_train.checkpoint.compatibility import completed_iteration
 from mm_train.config import FEATURES, build_config
 from mm_train.engines import build_engine
 from mm_train.errors import ConfigError, UserError
 from mm_train.features.multimodal import expand_config_file
+from mm_train.features.resilience import RunGuard
 from mm_train.launch import init_process_group, read_launch
 from mm_train.loop import train
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (``mm-train: error: argument --hidden-size: ...``), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full mm-train argument parser: every feature's flags."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mm-train", usage="%(prog)s [CONFIG.yaml] [flags]",
         description="Megatron-core GPT training, and Hugging Face vision-language models on FSDP2 "
                     "(CONFIG.yaml or --mm-model/--mm-data), with MindSpeed-MM style flags.",
@@ -37,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses ``argv`` (default sys.argv[1:]; a leading CONFIG.yaml is expanded); unknown flags or bad
-    values exit with argparse's usage error, a bad CONFIG.yaml raises ConfigError."""
+    values exit 2 with one line, a bad CONFIG.yaml raises ConfigError."""
     return build_parser().parse_args(expand_config_file(sys.argv[1:] if argv is None else argv))
 
 
@@ -55,17 +64,25 @@ def main(argv: list[str] | None = None) -> int:
         _error(error)
         return 2
     engine = None
+    guard = RunGuard(config.resilience)
     try:
+        complete = completed_iteration(config.checkpoint, config.training.train_iters)
+        if complete is not None:
+            if launch.rank == 0:
+                print(f"mm-train: training is already complete: {config.checkpoint.load} holds iteration {complete}, "
+                      f"--train-iters is {config.training.train_iters}; nothing to do", flush=True)
+            return 0
         init_process_group(launch, config.parallel.distributed_backend, config.parallel.timeout)
         engine = build_engine(config, launch)
         state = engine.load()
         if config.inactive_flags and launch.rank == 0:
             print(f"mm-train: accepted without effect here: {' '.join(config.inactive_flags)}", flush=True)
-        train(engine, config, state)
+        train(engine, config, state, guard)
     except UserError as error:
         _error(error)
         return 1
     finally:
+        guard.close()
         if engine is not None:
             engine.close()
         if torch.distributed.is_initialized():

@@ -26,13 +26,14 @@ from mm_train.features import (
     parallel,
     precision,
     recompute,
+    resilience,
     training,
 )
 from mm_train.launch import Launch
 
 # Every feature of the command line, in the order of the --help groups.
-FEATURES = (model, precision, training, optimizer, recompute, parallel, fused_kernels, checkpointing, logging, data,
-            fsdp2, context_parallel, moe, multimodal, compat)
+FEATURES = (model, precision, training, optimizer, recompute, parallel, fused_kernels, checkpointing, resilience,
+            logging, data, fsdp2, context_parallel, moe, multimodal, compat)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class RunConfig:
     recompute: recompute.RecomputeConfig
     data: data.DataConfig
     checkpoint: checkpointing.CheckpointConfig
+    resilience: resilience.ResilienceConfig
     logging: logging.LoggingConfig
     inactive_flags: tuple[str, ...] = ()
     multimodal: multimodal.MultimodalConfig | None = None
@@ -120,6 +122,7 @@ def build_config(args: argparse.Namespace, launch: Launch) -> RunConfig:
         recompute=recompute.to_config(args),
         data=data.to_config(args, pad_multiple),
         checkpoint=checkpointing.to_config(args),
+        resilience=resilience.to_config(args),
         logging=logging.to_config(args),
         inactive_flags=compat.inactive_flags_used(args) + ignored,
         multimodal=multimodal.to_config(args, files) if files is not None else None,

@@ -16,4 +16,5 @@ class CheckpointError(UserError, RuntimeError):
 
 
 class DataError(UserError, ValueError):
-    """A data set that cannot be used (a missing or unreadable file, a malformed record)."""
+    """A data file or record that cannot be used (missing, empty, truncated, unreadable, not what it
+    should be, a malformed record)."""

@@ -53,6 +53,17 @@ def device_type() -> str:
     return "cpu"
 
 
+def collective_device() -> torch.device:
+    """Where the tensors of the default process group's collectives live: the CPU for gloo, else this
+    process's current accelerator."""
+    backend = torch.distributed.get_backend()
+    if backend == "gloo":
+        return torch.device("cpu")
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("npu", torch.npu.current_device())
+
+
 def read_launch() -> Launch:
     """The layout torchrun (or a plain single-process start) put in RANK/WORLD_SIZE/LOCAL_RANK."""
     world_size = int_env("WORLD_SIZE", 1, None) or 1

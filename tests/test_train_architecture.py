@@ -47,6 +47,10 @@ FLAGS = {
     '--use-flash-attn', '--use-fused-rmsnorm', '--use-fused-rotary-pos-emb', '--use-fused-swiglu',
     '--use-mcore-models', '--use-torch-fsdp2', '--variable-seq-lengths', '--vocab-size', '--weight-decay',
     '--weight-decay-exclude-modules',
+    '--check-for-nan-in-loss-and-grad', '--no-check-for-nan-in-loss-and-grad', '--exit-signal-handler',
+    '--exit-duration-in-mins', '--initial-loss-scale', '--min-loss-scale', '--loss-scale-window', '--hysteresis',
+    '--override-opt_param-scheduler', '--override-opt-param-scheduler', '--use-checkpoint-opt_param-scheduler',
+    '--use-checkpoint-opt-param-scheduler',
 }
 
 

@@ -8,11 +8,13 @@ Layout of ``<dir>``::
         common.pt                        iteration, consumed samples, scheduler, world size
         rng_rank_<r>.pt                  RNG states of rank r (python, numpy, torch, accelerator,
                                          optional Megatron RNG tracker)
+        manifest.json                    size and SHA-256 of every file, iteration, metadata
 
 Model and optimizer state come from torch.distributed.checkpoint.state_dict, keyed by global
 parameter names, so a checkpoint written by FSDP2 at one world size loads into another world
 size or into an unsharded model (DCP reshards). RNG states are per rank and only load at the
-world size they were saved at. A save is atomic (:func:`mm_train.checkpoint.atomic.save_atomically`).
+world size they were saved at. A save is atomic (:func:`mm_train.checkpoint.atomic.save_atomically`);
+a load first checks every file against the manifest (:func:`mm_train.checkpoint.atomic.verify_files`).
 Files are read with ``torch.load(weights_only=True)``.
 """
 
@@ -39,6 +41,7 @@ from mm_train.checkpoint.atomic import (
     latest_iteration,
     rank,
     save_atomically,
+    verify_files,
     world_size,
 )
 from mm_train.checkpoint.state import rng_state, set_rng_state
@@ -62,6 +65,7 @@ def save_dcp_checkpoint(checkpoint_dir: str | Path, iteration: int, model: nn.Mo
                         optimizer: torch.optim.Optimizer | None, *, scheduler: Any = None,
                         consumed_samples: int = 0, save_optim: bool = True, save_rng: bool = True,
                         rng_tracker: Any = None, extra: dict[str, Any] | None = None,
+                        metadata: dict[str, Any] | None = None,
                         write_also: Callable[[Path], None] | None = None) -> Path:
     """Writes iteration ``iteration`` under ``checkpoint_dir`` atomically; collective over all ranks.
 
@@ -69,8 +73,9 @@ def save_dcp_checkpoint(checkpoint_dir: str | Path, iteration: int, model: nn.Mo
     plain); ``optimizer`` is saved unless ``save_optim`` is False (``--no-save-optim``);
     ``scheduler`` is anything with ``state_dict()``; RNG states unless ``save_rng`` is False;
     ``extra`` is a small dict of tensors/numbers/strings returned as ``LoadedCheckpoint.extra``;
+    ``metadata`` (plain JSON values, e.g. the run's configuration) goes into the manifest;
     ``write_also(staging)`` runs on every rank after the rest is written, to add files (e.g. a
-    Hugging Face copy of the model) that become part of the checkpoint atomically.
+    Hugging Face copy of the model) that become part of the checkpoint atomically (and of its manifest).
     Returns the final iteration directory.
     """
 
@@ -96,7 +101,8 @@ def save_dcp_checkpoint(checkpoint_dir: str | Path, iteration: int, model: nn.Mo
         if write_also is not None:
             write_also(staging)
 
-    return save_atomically(checkpoint_dir, iteration, write)
+    return save_atomically(checkpoint_dir, iteration, write,
+                           {"format": FORMAT, "iteration": iteration, **(metadata or {})})
 
 
 def _read_common(path: Path) -> dict[str, Any]:
@@ -134,6 +140,7 @@ def load_dcp_checkpoint(checkpoint_dir: str | Path, model: nn.Module, optimizer:
             return LoadedCheckpoint(0, 0)
     path = iteration_dir(checkpoint_dir, iteration)
     common = _read_common(path)
+    verify_files(path, required=False)  # checkpoints written before manifests existed have none
     this_rank, size = rank(), world_size()
     load_optim = load_optim and optimizer is not None
     if load_optim and not common["has_optimizer"]:

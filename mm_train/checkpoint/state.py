@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from mm_train.errors import CheckpointError
+from mm_train.launch import device_type
 
 
 @dataclass
@@ -20,8 +21,9 @@ class TrainingState:
 
 
 def rng_state(tracker=None) -> dict:
-    """Python, numpy, torch (and accelerator) RNG states, plus ``tracker.get_states()`` when a
-    Megatron RNG tracker is given; tensors and plain values only (loadable with weights_only)."""
+    """Python, numpy, torch and accelerator (``cuda`` or ``npu``, this process's device) RNG states, plus
+    ``tracker.get_states()`` when a Megatron RNG tracker is given (its model-parallel states: dropout
+    inside tensor-parallel regions); tensors and plain values only (loadable with weights_only)."""
     py_version, py_state, py_gauss = random.getstate()
     np_state = np.random.get_state()
     state = {"python": [py_version, list(py_state), py_gauss],
@@ -29,8 +31,9 @@ def rng_state(tracker=None) -> dict:
              "torch": torch.get_rng_state()}
     if tracker is not None:
         state["tracker"] = tracker.get_states()
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    accelerator = device_type()
+    if accelerator != "cpu":
+        state[accelerator] = getattr(torch, accelerator).get_rng_state()
     return state
 
 
@@ -46,5 +49,6 @@ def set_rng_state(state: dict, tracker=None) -> None:
     torch.set_rng_state(state["torch"])
     if tracker is not None:
         tracker.set_states(state["tracker"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    accelerator = device_type()
+    if accelerator in state:
+        getattr(torch, accelerator).set_rng_state(state[accelerator])

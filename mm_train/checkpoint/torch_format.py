@@ -4,7 +4,8 @@ iteration, written by :func:`mm_train.checkpoint.atomic.save_atomically`.
 Layout under ``--save``::
 
     latest_checkpointed_iteration.txt        the newest complete iteration, replaced last
-    iter_0000020/manifest.json               layout, iteration and the size of every file
+    iter_0000020/manifest.json               layout, iteration, run configuration, size and SHA-256
+                                             of every file (:mod:`mm_train.checkpoint.manifest`)
     iter_0000020/mp_rank_TT_PPP/model_optim_rng.pt      model, optimizer, scheduler, iteration,
                                                         consumed samples, run configuration
                                                         (data x context rank 0)
@@ -14,26 +15,30 @@ Layout under ``--save``::
 With expert parallelism the rank directories are ``mp_rank_TT_PPP_EEE`` (EEE: expert-parallel
 rank), written by expert-data-parallel rank 0, since each EP rank holds different experts.
 
-Loading reads every file of this rank with ``torch.load(weights_only=True)`` and checks manifest,
-sizes, layout, keys and shapes on all ranks before anything is copied into the model or optimizer;
-any problem is a :class:`CheckpointError` naming the file.
+Loading checks every file against the manifest (sizes and checksums), then reads this rank's files
+with ``torch.load(weights_only=True)`` and checks layout, keys and shapes on all ranks before anything
+is copied into the model or optimizer; any problem is a :class:`CheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-from mm_train.checkpoint.atomic import TRACKER, all_ranks_ok, iteration_dir, latest_iteration, save_atomically
+from mm_train.checkpoint.atomic import (
+    all_ranks_ok,
+    iteration_dir,
+    latest_iteration,
+    save_atomically,
+    verify_files,
+)
 from mm_train.checkpoint.state import TrainingState, rng_state, set_rng_state
 from mm_train.errors import CheckpointError
 from mm_train.features.checkpointing import CheckpointConfig
 
-MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
@@ -86,7 +91,7 @@ def save_checkpoint(root: str, state: TrainingState, model, optimizer, scheduler
     """Writes iteration ``state.iteration`` under ``root`` atomically (collective over all ranks).
 
     model: the unwrapped GPTModel stage of this rank; ``config_record``: the run's configuration as
-    plain values, stored beside the weights. Optimizer state is left out without
+    plain values, stored beside the weights and in the manifest. Optimizer state is left out without
     ``options.save_optim`` (--no-save-optim), RNG states without ``options.save_rng``.
     """
 
@@ -107,14 +112,9 @@ def save_checkpoint(root: str, state: TrainingState, model, optimizer, scheduler
             rank_state["distributed_optimizer"] = _distributed_shards(optimizer)
         torch.save(rank_state, rank_dir / f"rank_state_dp{_dp_cp_rank():03d}.pt")
 
-    def seal(staging: Path) -> None:
-        files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*.pt"))}
-        manifest = {"format_version": FORMAT_VERSION, "iteration": state.iteration, "layout": layout,
-                    "files": files}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-
-    layout = _layout()
-    return save_atomically(root, state.iteration, write, seal)
+    metadata = {"format_version": FORMAT_VERSION, "iteration": state.iteration, "layout": _layout(),
+                "config": config_record}
+    return save_atomically(root, state.iteration, write, metadata)
 
 
 def _load_file(path: Path) -> dict:
@@ -124,26 +124,12 @@ def _load_file(path: Path) -> dict:
         raise CheckpointError(f"cannot read {path}: {type(error).__name__}: {error}") from None
 
 
-def _check_manifest(directory: Path, check_dp: bool) -> None:
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{directory} is incomplete: no {MANIFEST} (the save did not finish)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files, layout = manifest["files"], manifest["layout"]
-    except (ValueError, KeyError) as error:
-        raise CheckpointError(f"{manifest_path} is corrupt: {error}") from None
-    current = _layout()
+def _check_layout(manifest: dict, directory: Path, check_dp: bool) -> None:
+    layout, current = manifest.get("layout", {}), _layout()
     for key in ("tp", "pp", "dp") if check_dp else ("tp", "pp"):
         if layout.get(key) != current[key]:
             raise CheckpointError(f"{directory} was saved with {key.upper()}={layout.get(key)}, this run has "
                                   f"{key.upper()}={current[key]}")
-    for name, size in files.items():
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"{directory} is partial: {name} is missing")
-        if path.stat().st_size != size:
-            raise CheckpointError(f"{path} is truncated or changed: {path.stat().st_size} bytes, manifest says {size}")
 
 
 def _check_model_state(saved: dict, model, path: Path) -> None:
@@ -158,10 +144,10 @@ def _check_model_state(saved: dict, model, path: Path) -> None:
                                   f"{tuple(tensor.shape)}")
 
 
-def _read_rank_files(directory: Path, model, options: CheckpointConfig,
+def _read_rank_files(directory: Path, manifest: dict, model, options: CheckpointConfig,
                      distributed_optimizer: bool) -> tuple[dict, dict]:
     # Distributed-optimizer shards belong to their data-parallel rank: loading them needs the same DP size.
-    _check_manifest(directory, check_dp=distributed_optimizer and options.load_optim)
+    _check_layout(manifest, directory, check_dp=distributed_optimizer and options.load_optim)
     rank_dir = directory / _rank_dir_name()
     main_path = rank_dir / "model_optim_rng.pt"
     main = _load_file(main_path)
@@ -206,18 +192,18 @@ def load_checkpoint(root: str, model, optimizer, scheduler, options: CheckpointC
 
     Without ``options.load_optim`` (--no-load-optim) optimizer and scheduler are skipped, without
     ``options.load_rng`` the RNG states; ``options.finetune`` loads the weights only and starts at
-    iteration 0. Raises CheckpointError, on every rank, when any rank finds a problem; nothing has
-    been modified then.
+    iteration 0. Raises CheckpointError, on every rank, when any rank finds a problem in the files
+    (nothing has been modified then) or when the schedule differs from the checkpoint's
+    (:class:`mm_train.optim.ScaledParamScheduler`).
     """
     iteration = latest_iteration(root)
     if iteration is None:
         return TrainingState()
     directory = iteration_dir(root, iteration)
+    manifest = verify_files(directory)
     error, main, rank_state = None, {}, {}
     try:
-        if not directory.is_dir():
-            raise CheckpointError(f"{root}/{TRACKER} names iteration {iteration} but {directory} does not exist")
-        main, rank_state = _read_rank_files(directory, model, options, distributed_optimizer)
+        main, rank_state = _read_rank_files(directory, manifest, model, options, distributed_optimizer)
     except CheckpointError as failure:
         error = str(failure)
     all_ranks_ok(error)

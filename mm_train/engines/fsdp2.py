@@ -113,12 +113,10 @@ class FSDP2Engine(GPTEngine):
         """Drops the gradients."""
         self.optimizer.zero_grad()
 
-    def load(self) -> TrainingState:
+    def restore(self) -> TrainingState:
         """The newest torch_dcp checkpoint under --load (any world size DCP can reshard to; RNG states only
         at the saved one); --finetune loads the weights only."""
         options = self.config.checkpoint
-        if not options.load:
-            return TrainingState()
         loaded = load_dcp_checkpoint(
             options.load, self.stage, self.optimizer.optimizer, scheduler=self.scheduler,
             load_optim=options.load_optim and not options.finetune,
@@ -133,4 +131,4 @@ class FSDP2Engine(GPTEngine):
         return save_dcp_checkpoint(options.save, state.iteration, self.stage, self.optimizer.optimizer,
                                    scheduler=self.scheduler, consumed_samples=state.consumed_train_samples,
                                    save_optim=options.save_optim, save_rng=options.save_rng,
-                                   rng_tracker=get_cuda_rng_tracker())
+                                   rng_tracker=get_cuda_rng_tracker(), metadata={"config": self.config.record()})

@@ -3,7 +3,8 @@ set-up (CPU adaptor, fused kernels, context-parallel groups, seeds, tokenizer), 
 megatron-core's forward/backward schedule over the micro-batches of an iteration.
 
 A subclass wraps the model (:mod:`mm_train.engines.megatron`, :mod:`mm_train.engines.fsdp2`), owns the
-optimizer and the checkpoint format, and clears gradients its own way (:meth:`GPTEngine.zero_grad`).
+optimizer and the checkpoint format (:meth:`GPTEngine.restore`; :meth:`GPTEngine.load` first checks that
+the checkpoint holds this run's model), and clears gradients its own way (:meth:`GPTEngine.zero_grad`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from mm_train.checkpoint.compatibility import check_saved_model
 from mm_train.checkpoint.state import TrainingState
 from mm_train.config import RunConfig
 from mm_train.data import build_data_iterators, build_tokenizer
@@ -82,6 +84,18 @@ class GPTEngine(Engine):
     @abstractmethod
     def zero_grad(self) -> None:
         """Clears the gradients before an iteration."""
+
+    @abstractmethod
+    def restore(self) -> TrainingState:
+        """Restores the newest checkpoint under --load in the engine's format (there is one)."""
+
+    def load(self) -> TrainingState:
+        """The newest checkpoint under --load, once its saved model configuration matched this run's
+        (:func:`mm_train.checkpoint.compatibility.check_saved_model`); a fresh state without --load."""
+        if not self.config.checkpoint.load:
+            return TrainingState()
+        check_saved_model(self.config.checkpoint.load, self.config.record())
+        return self.restore()
 
     def loss_scale(self) -> float:
         """The optimizer's loss scale (1.0 unless it scales the loss)."""

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from mm_kernels.parallel import ULYSSES, new_cp_groups, shard_for_rank
 from mm_train.checkpoint.atomic import latest_iteration
+from mm_train.checkpoint.compatibility import check_saved_model
 from mm_train.checkpoint.dcp import load_dcp_checkpoint, save_dcp_checkpoint
 from mm_train.checkpoint.state import TrainingState
 from mm_train.config import RunConfig
@@ -179,14 +180,16 @@ class HFEngine(Engine):
 
     def load(self) -> TrainingState:
         """The newest torch_dcp checkpoint under --load when there is one (any world size; RNG states only
-        at the saved one); --finetune loads the weights only. Without one the model keeps its weights
-        from the Hugging Face directory, or starts random with a warning."""
+        at the saved one), once its saved model configuration matched this run's; --finetune loads the
+        weights only. Without one the model keeps its weights from the Hugging Face directory, or starts
+        random with a warning."""
         options = self.config.checkpoint
         if not options.load or latest_iteration(options.load) is None:
             if self.config.multimodal.model.weights_path is None:
                 _print0(f"warning: no weights (no safetensors in {self.config.multimodal.data.model_name_or_path}, "
                         "no checkpoint under --load): the model starts from random values")
             return TrainingState()
+        check_saved_model(options.load, self.config.record())
         loaded = load_dcp_checkpoint(options.load, self.model, self.optimizer.optimizer, scheduler=self.scheduler,
                                      load_optim=options.load_optim and not options.finetune,
                                      load_rng=options.load_rng and not options.finetune)
@@ -231,7 +234,8 @@ class HFEngine(Engine):
 
         return save_dcp_checkpoint(options.save, state.iteration, self.model, self.optimizer.optimizer,
                                    scheduler=self.scheduler, consumed_samples=state.consumed_train_samples,
-                                   save_optim=options.save_optim, save_rng=options.save_rng, write_also=write_hf)
+                                   save_optim=options.save_optim, save_rng=options.save_rng,
+                                   metadata={"config": self.config.record()}, write_also=write_hf)
 
     def close(self) -> None:
         """Removes the text model's entry hook."""

@@ -41,6 +41,9 @@ class MegatronEngine(GPTEngine):
         if parallel.overlap_grad_reduce:
             transformer.grad_sync_func = self.model.start_grad_sync
         self.optimizer = build_megatron_optimizer(config.optimizer, config.precision, parallel, [self.model])
+        # The schedule multiplies each micro-batch's loss (and MoE aux losses) by the loss scale before
+        # the backward pass; the optimizer divides the gradients by it (fp16; 1.0 otherwise).
+        transformer.grad_scale_func = self.optimizer.scale_loss
 
     def zero_grad(self) -> None:
         """Clears DDP's gradient buffers and the optimizer's gradients."""
@@ -51,11 +54,9 @@ class MegatronEngine(GPTEngine):
         """megatron's loss scale (1.0 for bf16 and fp32)."""
         return float(self.optimizer.get_loss_scale())
 
-    def load(self) -> TrainingState:
+    def restore(self) -> TrainingState:
         """The newest torch-format checkpoint under --load into the stage, optimizer and schedule."""
         options = self.config.checkpoint
-        if not options.load:
-            return TrainingState()
         return load_checkpoint(options.load, self.stage, self.optimizer, self.scheduler, options,
                                self.config.parallel.use_distributed_optimizer)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from mm_train.errors import ConfigError
-from mm_train.features import flag
+from mm_train.features import flag, positive_int
 
 # Accepted so that MindSpeed-MM scripts run; no effect on this trainer.
 INACTIVE_FLAGS = (
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in INACTIVE_FLAGS:
         inactive.add_argument(flag(name), action="store_true")
     scale_out = parser.add_argument_group("scale-out features (parsed, not yet supported)")
-    scale_out.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    scale_out.add_argument("--num-layers-per-virtual-pipeline-stage", type=positive_int, default=None)
 
 
 def check(args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ import argparse
 from dataclasses import dataclass
 
 from mm_train.errors import ConfigError
+from mm_train.features import non_negative_int, positive_int
 
 TOKENIZER_TYPES = ("ByteTokenizer", "HuggingFaceTokenizer")
 
@@ -51,9 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer-type", default="ByteTokenizer", choices=TOKENIZER_TYPES)
     group.add_argument("--tokenizer-model", default=None,
                        help="Local directory of a Hugging Face tokenizer (with HuggingFaceTokenizer).")
-    group.add_argument("--vocab-size", type=int, default=None,
+    group.add_argument("--vocab-size", type=positive_int, default=None,
                        help="Vocabulary size; at least the tokenizer's (default: the tokenizer's).")
-    group.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes (0: none).")
+    group.add_argument("--num-workers", type=non_negative_int, default=2, help="DataLoader worker processes (0: none).")
     group.add_argument("--variable-seq-lengths", action="store_true",
                        help="One document per sample, batches padded to their longest sample.")
     group.add_argument("--mock-data", action="store_true", help="Random tokens instead of a dataset.")

@@ -9,7 +9,7 @@ import importlib.util
 from dataclasses import dataclass
 
 from mm_train.errors import ConfigError
-from mm_train.features import check_positive, fields_from
+from mm_train.features import fields_from, positive_int
 
 
 @dataclass(frozen=True)
@@ -25,14 +25,13 @@ class LoggingConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the logging flags."""
     group = parser.add_argument_group("logging")
-    group.add_argument("--log-interval", type=int, default=100)
+    group.add_argument("--log-interval", type=positive_int, default=100)
     group.add_argument("--tensorboard-dir", default=None)
-    group.add_argument("--tensorboard-log-interval", type=int, default=1)
+    group.add_argument("--tensorboard-log-interval", type=positive_int, default=1)
 
 
 def check(args: argparse.Namespace) -> None:
-    """Positive intervals; TensorBoard installed when asked for."""
-    check_positive(args, "log_interval", "tensorboard_log_interval")
+    """TensorBoard installed when asked for."""
     if args.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard-dir needs the tensorboard package (pip install tensorboard)")
 

@@ -24,7 +24,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
 from mm_train.errors import ConfigError
-from mm_train.features import fields_from, flag
+from mm_train.features import fields_from, flag, non_negative, positive, positive_int
 
 _LOCAL_EXPERT = re.compile(r"experts\.local_experts\.(\d+)\.")
 _GROUPED_WEIGHT = re.compile(r"experts\.weight([12])$")
@@ -62,19 +62,19 @@ class MoEConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """MoE flags with Megatron's names and defaults (MindSpeed-MM's MOE_ARGS)."""
     group = parser.add_argument_group("mixture of experts")
-    group.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer (every layer)")
-    group.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="default: --ffn-hidden-size")
-    group.add_argument("--moe-router-topk", type=int, default=2)
+    group.add_argument("--num-experts", type=positive_int, default=None, help="experts per MoE layer (every layer)")
+    group.add_argument("--moe-ffn-hidden-size", type=positive_int, default=None, help="default: --ffn-hidden-size")
+    group.add_argument("--moe-router-topk", type=positive_int, default=2)
     group.add_argument("--moe-router-load-balancing-type", default="aux_loss",
                        choices=["aux_loss", "seq_aux_loss", "none"])
-    group.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
-    group.add_argument("--expert-model-parallel-size", type=int, default=1)
+    group.add_argument("--moe-aux-loss-coeff", type=non_negative, default=0.0)
+    group.add_argument("--expert-model-parallel-size", type=positive_int, default=1)
     group.add_argument("--moe-token-dispatcher-type", default="allgather", choices=["allgather", "alltoall"])
     group.add_argument("--moe-permute-fusion", action="store_true",
                        help="mm_kernels permute/unpermute in the alltoall dispatcher")
     group.add_argument("--moe-grouped-gemm", action="store_true",
                        help="all local experts in one grouped GEMM (megatron's GroupedMLP; needs --bf16)")
-    group.add_argument("--moe-expert-capacity-factor", type=float, default=None,
+    group.add_argument("--moe-expert-capacity-factor", type=positive, default=None,
                        help="drop tokens beyond capacity = factor x tokens x topk / experts")
     group.add_argument("--moe-pad-expert-input-to-capacity", action="store_true",
                        help="pad every expert's input to its capacity (needs --moe-expert-capacity-factor)")
@@ -89,11 +89,9 @@ def check(args: argparse.Namespace, tp_cp_dp_size: int) -> None:
                 raise ConfigError(f"{flag(name)} needs --num-experts")
         return
     experts, topk, ep = args.num_experts, args.moe_router_topk, args.expert_model_parallel_size
-    if experts < 1:
-        raise ConfigError(f"--num-experts {experts} must be >= 1")
     if not 1 <= topk <= experts:
         raise ConfigError(f"--moe-router-topk {topk} must be in [1, --num-experts {experts}]")
-    if ep < 1 or experts % ep:
+    if experts % ep:
         raise ConfigError(f"--num-experts {experts} is not divisible by --expert-model-parallel-size {ep}")
     if tp_cp_dp_size % ep:
         raise ConfigError(f"--expert-model-parallel-size {ep} does not divide TP x CP x DP = {tp_cp_dp_size}")
@@ -109,17 +107,13 @@ def check(args: argparse.Namespace, tp_cp_dp_size: int) -> None:
     if args.moe_permute_fusion and args.moe_token_dispatcher_type != "alltoall":
         raise ConfigError("--moe-permute-fusion needs --moe-token-dispatcher-type alltoall "
                           f"(got {args.moe_token_dispatcher_type})")
-    if args.moe_aux_loss_coeff < 0:
-        raise ConfigError(f"--moe-aux-loss-coeff {args.moe_aux_loss_coeff} must be >= 0")
-    factor = args.moe_expert_capacity_factor
-    if factor is not None and factor <= 0:
-        raise ConfigError(f"--moe-expert-capacity-factor {factor} must be > 0")
-    if args.moe_pad_expert_input_to_capacity and factor is None:
+    if args.moe_pad_expert_input_to_capacity and args.moe_expert_capacity_factor is None:
         raise ConfigError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
     if args.moe_grouped_gemm and not args.bf16:
         raise ConfigError("--moe-grouped-gemm needs --bf16 (megatron-core's GroupedMLP runs bf16 only)")
-    if args.moe_grouped_gemm and not args.disable_bias_linear:
-        raise ConfigError("--moe-grouped-gemm needs --disable-bias-linear (GroupedMLP has no biases)")
+    if not args.disable_bias_linear:
+        raise ConfigError("--num-experts needs --disable-bias-linear: megatron-core's local expert MLPs cannot "
+                          "train their linear biases (an in-place add on a tensor-parallel output fails)")
     if args.variable_seq_lengths and args.moe_token_dispatcher_type == "allgather":
         raise ConfigError("--variable-seq-lengths with --num-experts needs --moe-token-dispatcher-type alltoall")
 
