@@ -18,11 +18,19 @@ from mm_train.engines import build_engine
 from mm_train.errors import ConfigError, UserError
 from mm_train.launch import init_process_group, read_launch
 from mm_train.loop import train
+from mm_train.platform.quiet import fallback_notice
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors (unknown flag, bad value) are one line, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full mm-train argument parser: every feature's flags."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mm-train", description="Megatron-core GPT training with MindSpeed-MM style flags.",
         allow_abbrev=False)
     for feature in FEATURES:
@@ -31,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parses ``argv`` (default sys.argv[1:]); unknown flags or bad values exit with argparse's usage error."""
+    """Parses ``argv`` (default sys.argv[1:]); unknown flags or bad values exit 2 with one line."""
     return build_parser().parse_args(argv)
 
 
@@ -43,18 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mm-train`` / ``python -m mm_train``; returns the exit status."""
     args = parse_args(argv)
     try:
-        launch = read_launch()
+        launch = read_launch(args.local_rank)
         config = build_config(args, launch)
     except ConfigError as error:
         _error(error)
         return 2
     engine = None
     try:
+        if launch.rank == 0:
+            for line in (*config.notices, *fallback_notice()):
+                print(f"mm-train: {line}", flush=True)
         init_process_group(launch, config.parallel.distributed_backend, config.parallel.timeout)
         engine = build_engine(config, launch)
         state = engine.load()
-        if config.inactive_flags and launch.rank == 0:
-            print(f"mm-train: accepted without effect here: {' '.join(config.inactive_flags)}", flush=True)
         train(engine, config, state)
     except UserError as error:
         _error(error)

@@ -36,7 +36,8 @@ FEATURES = (model, precision, training, optimizer, recompute, parallel, fused_ke
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything one run is configured with (see each feature module for its fields)."""
+    """Everything one run is configured with (see each feature module for its fields). ``notices``: the
+    lines printed at start-up (flags without effect here and why, substitutions such as gloo for nccl)."""
 
     model: model.ModelConfig
     precision: precision.PrecisionConfig
@@ -51,11 +52,14 @@ class RunConfig:
     data: data.DataConfig
     checkpoint: checkpointing.CheckpointConfig
     logging: logging.LoggingConfig
-    inactive_flags: tuple[str, ...] = ()
+    notices: tuple[str, ...] = ()
 
     def record(self) -> dict:
-        """This configuration as plain values (dicts, lists, str, numbers, None), e.g. for a checkpoint."""
-        return _plain(dataclasses.asdict(self))
+        """This configuration as plain values (dicts, lists, str, numbers, None), e.g. for a checkpoint
+        (the start-up notices left out)."""
+        record = _plain(dataclasses.asdict(self))
+        record.pop("notices")
+        return record
 
 
 def _plain(value):
@@ -78,6 +82,7 @@ def build_config(args: argparse.Namespace, launch: Launch) -> RunConfig:
     """
     world = launch.world_size
     compat.check(args)
+    model.check_required(args)
     fsdp2.check(args, world)
     data_parallel_size = parallel.check_layout(args, world)
     model.fill_defaults(args)
@@ -112,5 +117,6 @@ def build_config(args: argparse.Namespace, launch: Launch) -> RunConfig:
         data=data.to_config(args, pad_multiple),
         checkpoint=checkpointing.to_config(args),
         logging=logging.to_config(args),
-        inactive_flags=compat.inactive_flags_used(args),
+        notices=tuple(compat.notices(args) + parallel.notices(args, launch) + model.notices(args)
+                      + fused_kernels.notices(args) + moe.notices(args)),
     )
