@@ -205,7 +205,7 @@ def test_expert_parallel_reproduces_single_process_curve(reference_curve, expert
 def test_expert_parallel_resume_continues_the_curve(expert_parallel_run, tmp_path):
     curve, _, save = expert_parallel_run
     for ep_rank in (0, 1):  # each expert-parallel rank keeps its own experts
-        assert (save / "iter_0000005" / f"mp_rank_00_000_{ep_rank:03d}" / "model_optim_rng.pt").is_file()
+        assert (save / "iter_0000005" / f"mp_rank_00_{ep_rank:03d}" / "model_optim_rng.pt").is_file()
     resumed = tmp_path / "ckpt"
     shutil.copytree(save, resumed)
     (resumed / "latest_checkpointed_iteration.txt").write_text("5")

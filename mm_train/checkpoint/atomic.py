@@ -4,6 +4,7 @@ Layout under the checkpoint root::
 
     latest_checkpointed_iteration.txt    the newest complete iteration, replaced last
     iter_0000020/                        one iteration, written by :func:`save_atomically`
+    iter_0000020/manifest.json           layout, iteration and the size of every file (:func:`write_manifest`)
 
 A save is collective: rank 0 creates an empty staging directory ``iter_0000020.tmp``, every rank
 writes its files into it, and after a barrier rank 0 adds what needs every rank's files (a
@@ -15,6 +16,7 @@ complete checkpoint (the old one or the new one), never a half-written one.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -25,6 +27,7 @@ import torch
 from mm_train.errors import CheckpointError
 
 TRACKER = "latest_checkpointed_iteration.txt"
+MANIFEST = "manifest.json"
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
@@ -135,3 +138,32 @@ def all_ranks_ok(error: str | None) -> None:
     if failures:
         index, message = failures[0]
         raise CheckpointError(f"rank {index}: {message}")
+
+
+def write_manifest(directory: Path, iteration: int, layout: dict[str, int], format_version: int) -> None:
+    """Writes ``directory/manifest.json``: format version, iteration, ``layout`` and every file's size
+    (call it from ``seal``, once every rank has written)."""
+    files = {str(path.relative_to(directory)): path.stat().st_size
+             for path in sorted(directory.rglob("*")) if path.is_file()}
+    manifest = {"format_version": format_version, "iteration": iteration, "layout": layout, "files": files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def check_manifest(directory: Path) -> dict[str, int]:
+    """Checks every file the manifest of ``directory`` lists (present, same size); returns the saved layout.
+    CheckpointError when the manifest is missing or corrupt, or a file is missing or changed."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{directory} is incomplete: no {MANIFEST} (the save did not finish)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files, layout = manifest["files"], manifest["layout"]
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"{manifest_path} is corrupt: {error}") from None
+    for name, size in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{directory} is partial: {name} is missing")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{path} is truncated or changed: {path.stat().st_size} bytes, manifest says {size}")
+    return layout

@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor
 from mm_train.checkpoint.dcp import load_dcp_checkpoint, save_dcp_checkpoint
 from mm_train.checkpoint.state import TrainingState
 from mm_train.engines.gpt import GPTEngine
+from mm_train.errors import CheckpointError
 from mm_train.features.fsdp2 import apply_fsdp2, build_fsdp2_model_on_meta
 from mm_train.features.precision import PrecisionConfig
 from mm_train.model.build import build_model, transformer_config
@@ -98,15 +99,19 @@ class FSDP2Engine(GPTEngine):
                 return built[0]
 
             def full_value(name: str, shape: torch.Size) -> torch.Tensor:
+                if not config.model.initialization:  # --no-initialization: the checkpoint sets every value
+                    return torch.empty(shape)
                 return draw_full(global_name(built[0], name), list(shape), config.training.seed, transformer)
 
-            self.stage = build_fsdp2_model_on_meta(construct, fsdp2.sharding, full_value, self.launch.device)
+            self.stage = build_fsdp2_model_on_meta(construct, fsdp2.sharding, full_value, self.device)
         else:
-            self.stage = apply_fsdp2(build_model(config, transformer, vocab_size), fsdp2.sharding)
+            self.stage = apply_fsdp2(build_model(config, transformer, vocab_size, init=config.model.initialization),
+                                     fsdp2.sharding)
         if config.training.loss_mode == "per_token":
             transformer.finalize_model_grads_func = _per_token_grad_scale
-        self.model = self.stage
-        self.optimizer = FSDP2Optimizer(build_torch_optimizer(config.optimizer, self.stage.named_parameters()),
+        self.stages = self.chunks = [self.stage]
+        self.optimizer = FSDP2Optimizer(build_torch_optimizer(config.optimizer, self.stage.named_parameters(),
+                                                              fused=self.device.type != "cpu"),
                                         config.optimizer.clip_grad)
 
     def zero_grad(self) -> None:
@@ -117,13 +122,16 @@ class FSDP2Engine(GPTEngine):
         """The newest torch_dcp checkpoint under --load (any world size DCP can reshard to; RNG states only
         at the saved one); --finetune loads the weights only."""
         options = self.config.checkpoint
-        if not options.load:
-            return TrainingState()
-        loaded = load_dcp_checkpoint(
-            options.load, self.stage, self.optimizer.optimizer, scheduler=self.scheduler,
-            load_optim=options.load_optim and not options.finetune,
-            load_rng=options.load_rng and not options.finetune, rng_tracker=get_cuda_rng_tracker())
-        if options.finetune:
+        loaded = None
+        if options.load:
+            loaded = load_dcp_checkpoint(
+                options.load, self.stage, self.optimizer.optimizer, scheduler=self.scheduler,
+                load_optim=options.load_optim and not options.finetune,
+                load_rng=options.load_rng and not options.finetune, rng_tracker=get_cuda_rng_tracker())
+        if loaded is None and not self.config.model.initialization:
+            raise CheckpointError(f"--no-initialization: no checkpoint under --load {options.load} to take the "
+                                  "weights from")
+        if loaded is None or options.finetune:
             return TrainingState()
         return TrainingState(loaded.iteration, loaded.consumed_samples)
 
