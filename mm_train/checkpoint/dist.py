@@ -40,10 +40,10 @@ from mm_train.checkpoint.atomic import (
 from mm_train.checkpoint.state import TrainingState, check_rng_state, rng_state, set_rng_state
 from mm_train.checkpoint.torch_format import (
     CHECKPOINT_VERSION,
+    adam_steps_set_aside,
     layout,
     model_keys,
     replica_rank,
-    unshare_adam_steps,
 )
 from mm_train.errors import CheckpointError
 from mm_train.features.checkpointing import CheckpointConfig, megatron_args
@@ -51,14 +51,36 @@ from mm_train.launch import print_rank_0
 
 FORMAT_VERSION = 1
 OPTIMIZER_SHARDING = "fully_reshardable"
+# How megatron's distributed optimizer loads each way of saving its state (Megatron-LM saves dp_reshardable).
+_PARAMETER_STATE_LOADERS = {
+    "fully_reshardable": "load_parameter_state_from_fully_reshardable",
+    "dp_reshardable": "load_parameter_state_from_dp_reshardable",
+    "fully_sharded_model_space": "load_parameter_state_from_fs_model_space",
+    "dp_zero_gather_scatter": "load_parameter_state_from_dp_zero",
+}
 
 
-def _metadata(distributed_optimizer: bool) -> dict:
+def _metadata(distributed_optimizer: bool, sharding: str = OPTIMIZER_SHARDING) -> dict:
     """What megatron-core's ``sharded_state_dict`` methods are told about the format (Megatron-LM's keys)."""
     metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
     if distributed_optimizer:
-        metadata["distrib_optim_sharding_type"] = OPTIMIZER_SHARDING
+        metadata["distrib_optim_sharding_type"] = sharding
     return metadata
+
+
+def _load_optimizer(optimizer, state) -> None:
+    """``optimizer.load_state_dict(state)`` for megatron's optimizer; the distributed optimizer's parameter
+    states with torch Adam's steps set aside (:func:`~mm_train.checkpoint.torch_format.adam_steps_set_aside`)."""
+    inners = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    parts = [state] if len(inners) == 1 else [part for _, part in sorted(state.items())]
+    for inner, part in zip(inners, parts, strict=True):
+        if "param_state" not in part:
+            inner.load_state_dict(part)
+            continue
+        parameters, sharding = part.pop("param_state"), part.pop("param_state_sharding_type")
+        inner.load_state_dict(part)
+        with adam_steps_set_aside(inner):
+            getattr(inner, _PARAMETER_STATE_LOADERS[sharding])(parameters)
 
 
 def _rng_object(state: list | None) -> ShardedObject:
@@ -69,6 +91,22 @@ def _rng_object(state: list | None) -> ShardedObject:
                           parallel_state.get_tensor_model_parallel_rank(),
                           parallel_state.get_expert_model_parallel_rank()),
                          replica_id=replica_rank())
+
+
+def _init_torch_adam_states(optimizer) -> None:
+    """Gives a fresh torch Adam under megatron's distributed optimizer its states (step 0, zero moments),
+    which the load overwrites: building the sharded state dict to load into calls megatron-core's
+    DistributedOptimizer.state_dict, which needs one 'step' per parameter with torch's Adam (an
+    AssertionError on an optimizer that has not stepped yet)."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = inner.optimizer
+        if not isinstance(adam, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in adam.param_groups:
+            for param in group["params"]:
+                if not adam.state[param]:
+                    adam.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                                             exp_avg_sq=torch.zeros_like(param))
 
 
 def _sharded_model(stages: list, metadata: dict) -> dict:
@@ -156,9 +194,12 @@ def load_checkpoint(root: str, stages: list, optimizer, scheduler, options: Chec
     resuming = not options.finetune
     saved, current = _saved_layout(common), layout()
     same_layout = all(saved.get(key) == current[key] for key in ("tp", "pp", "ep"))
-    metadata = _metadata(distributed_optimizer)
+    content = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
+    metadata = _metadata(distributed_optimizer, content.get("distrib_optim_sharding_type", OPTIMIZER_SHARDING))
     sharded = _sharded_model(stages, metadata)
     if resuming and options.load_optim:
+        if distributed_optimizer:
+            _init_torch_adam_states(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=metadata)
     load_rng = resuming and options.load_rng
     if load_rng and same_layout:
@@ -179,9 +220,7 @@ def load_checkpoint(root: str, stages: list, optimizer, scheduler, options: Chec
     state = TrainingState()
     if resuming:
         if options.load_optim:
-            optimizer.load_state_dict(loaded["optimizer"])
-            if distributed_optimizer:
-                unshare_adam_steps(optimizer)
+            _load_optimizer(optimizer, loaded["optimizer"])
             scheduler.load_state_dict(common["opt_param_scheduler"])
         if "rng_state" in loaded:
             set_rng_state(loaded["rng_state"][0], get_cuda_rng_tracker())

@@ -27,6 +27,7 @@ model or optimizer; a problem is one :class:`CheckpointError` naming the file.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -199,28 +200,24 @@ def _torch_adam_states(optimizer) -> list[dict]:
     return [inner.optimizer.state for inner in getattr(optimizer, "chained_optimizers", [optimizer])]
 
 
-def unshare_adam_steps(optimizer) -> None:
-    """Gives every parameter of megatron's distributed optimizer its own Adam 'step' after a load.
+@contextlib.contextmanager
+def adam_steps_set_aside(optimizer):
+    """Takes torch Adam's per-parameter 'step' out of megatron's (distributed) optimizer states meanwhile,
+    then puts back a copy for each parameter.
 
-    Without Apex/TE, DistributedOptimizer.load_state_dict gives every parameter's state one shared 'step'
-    tensor; torch's Adam then increments it once per parameter and the bias correction drifts."""
-    for states in _torch_adam_states(optimizer):
-        for state in states.values():
-            if "step" in state:
-                state["step"] = state["step"].clone()
-
-
-def load_distributed_optimizer_file(optimizer, path: Path) -> None:
-    """megatron's ``load_parameter_state`` (DP rank 0 reads ``path`` and scatters), with torch's Adam too:
-    megatron-core copies every key of each parameter's optimizer state from the file, which holds no
-    'step' (torch's Adam keeps one per parameter; Apex's and Transformer Engine's do not), so the steps
-    (already loaded with the optimizer's state dict) are set aside meanwhile."""
-    steps = [{param: state.pop("step") for param, state in states.items() if "step" in state}
-             for states in _torch_adam_states(optimizer)]
-    optimizer.load_parameter_state(str(path))
-    for states, saved in zip(_torch_adam_states(optimizer), steps, strict=True):
-        for param, step in saved.items():
-            states[param]["step"] = step.clone()
+    megatron-core copies every key of a parameter's optimizer state from a checkpoint's parameter
+    states, which hold no 'step' (torch's Adam keeps one per parameter; Apex's and Transformer Engine's
+    do not): KeyError 'step'. The steps come from the optimizer's state dict, loaded before, where
+    megatron gives all parameters one shared tensor; torch's Adam would then increment it once per
+    parameter, hence a copy each."""
+    states = [inner.optimizer.state for inner in getattr(optimizer, "chained_optimizers", [optimizer])]
+    steps = [{param: state.pop("step") for param, state in per.items() if "step" in state} for per in states]
+    try:
+        yield
+    finally:
+        for per, saved in zip(states, steps, strict=True):
+            for param, step in saved.items():
+                per[param]["step"] = step.clone()
 
 
 @torch.no_grad()
@@ -254,8 +251,9 @@ def load_checkpoint(root: str, stages: list, optimizer, scheduler, options: Chec
     if not options.finetune:
         if options.load_optim:
             optimizer.load_state_dict(main["optimizer"])
-            if distributed_optimizer:
-                load_distributed_optimizer_file(optimizer, directory / rank_dir_name() / OPTIMIZER_FILE)
+            if distributed_optimizer:  # DP rank 0 reads the file and scatters it
+                with adam_steps_set_aside(optimizer):
+                    optimizer.load_parameter_state(str(directory / rank_dir_name() / OPTIMIZER_FILE))
             scheduler.load_state_dict(main["opt_param_scheduler"])
         if options.load_rng:
             set_rng_state(_this_rank_rng(main), get_cuda_rng_tracker())
