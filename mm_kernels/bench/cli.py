@@ -2,7 +2,8 @@
 
 Kernels are the modules of ``mm_kernels.bench`` that define ``KERNEL`` and ``cases()``.
 ``mm-bench cp [options]`` benchmarks context-parallel attention on spawned processes instead
-(``mm_kernels.bench.cp``; ``mm-bench cp --help``).
+(``mm_kernels.bench.cp``; ``mm-bench cp --help``). ``mm-bench hf [options]`` times Hugging Face training
+steps with and without the fused kernels (``mm_kernels.bench.hf``; ``mm-bench hf --help``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         from mm_kernels.bench.cp import run_cp_bench
 
         return run_cp_bench(argv[1:])
+    if argv[:1] == ["hf"]:
+        from mm_kernels.bench.hf import run_hf_bench
+
+        return run_hf_bench(argv[1:])
     modules = kernel_modules()
     args = parse_args(argv, sorted(modules))
     names = sorted(modules) if "all" in args.kernels else args.kernels
