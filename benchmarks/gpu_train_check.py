@@ -1,4 +1,4 @@
-"""The trainer on one CUDA GPU, checked against the CPU (part of benchmarks/gpu.sh; about 3 minutes).
+"""The trainer on one CUDA GPU, checked against the CPU (part of benchmarks/gpu.sh; 2 to 4 minutes).
 
     python benchmarks/gpu_train_check.py [OUTPUT_DIR]
 
@@ -8,8 +8,9 @@ fp32 GPT of the tests with the fused RMSNorm and SwiGLU, and checks:
 1. ``cpu-reference``: 30 iterations on the CPU (CUDA hidden), gloo, the CPU adaptor;
 2. ``cuda-fused``: the same 30 iterations on the GPU with ``--distributed-backend nccl``: every loss
    within 2e-3 (relative) of the CPU's, the fused kernels called on CUDA tensors, CUDA memory used;
-3. ``cuda-resume``: the GPU run saved at iteration 15 (``--ckpt-format torch``) and resumed: the
-   same losses as the uninterrupted GPU run (1e-5) - RNG tracker, optimizer and data position restored;
+3. ``cuda-resume``: with the distributed optimizer, saved at iteration 15 (``--ckpt-format torch``:
+   Megatron-LM's files and ``distrib_optim.pt``) and resumed: the same losses as the uninterrupted run
+   (1e-5) - RNG tracker, optimizer and data position restored;
 4. ``cuda-moe-bf16``: a bf16 MoE (4 experts, top-2, alltoall, fused permute and SwiGLU in the
    experts) for 30 iterations: finite losses that fall, the fused SwiGLU called in the experts;
 5. ``cuda-transformer-engine`` (only when Transformer Engine is installed): 10 iterations with
@@ -115,11 +116,12 @@ def main() -> int:
               f"worst relative difference {worst:.2e} (limit 2e-3); fused calls on CUDA tensors: swiglu "
               f"{calls['swiglu_cuda']}/{calls['swiglu']}, rms_norm {calls['rms_norm_cuda']}/{calls['rms_norm']}; "
               f"peak CUDA memory {calls['peak_cuda_bytes'] / 2**20:.1f} MiB")
-        save = out / "resume-ckpt"
-        first, _, _ = run("cuda-resume-first", TINY + steps + ["--save", str(save), "--save-interval", "15",
-                                                               "--exit-interval", "15"], out)
-        second, _, log = run("cuda-resume-second", TINY + steps + ["--load", str(save)], out)
-        worst = worst_relative(first + second, gpu)
+        save, distributed = out / "resume-ckpt", TINY + steps + ["--use-distributed-optimizer"]
+        whole, _, _ = run("cuda-distributed-optimizer", distributed, out)
+        first, _, _ = run("cuda-resume-first", distributed + ["--save", str(save), "--save-interval", "15",
+                                                              "--exit-interval", "15"], out)
+        second, _, log = run("cuda-resume-second", distributed + ["--load", str(save)], out)
+        worst = worst_relative(first + second, whole)
         check("cuda-resume", worst <= 1e-5 and "at iteration 15" in log,
               f"saved at 15, resumed: worst relative difference to the uninterrupted run {worst:.2e} (limit 1e-5)")
         moe, calls, _ = run("cuda-moe-bf16", TINY + steps + MOE, out)

@@ -233,10 +233,11 @@ def _swiglu_calls_in_moe(rank: int, world_size: int, flags: list[str]) -> int:
     import mm_kernels
     from mm_train.features import fused_kernels
     from mm_train.model.build import build_model, transformer_config
-    from mm_train.platform.cpu_adaptor import apply_cpu_adaptor
+    from mm_train.platform.cpu_adaptor import apply_cpu_adaptor, apply_package_fallbacks
 
     config = build_config(parse_args(TINY + MOE + ["--use-fused-swiglu", *flags]), Launch(rank, world_size, 0, "cpu"))
     apply_cpu_adaptor()
+    apply_package_fallbacks()
     patch = fused_kernels.apply(config.fused_kernels, config.moe)
     calls = []
     original = mm_kernels.swiglu

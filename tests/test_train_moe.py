@@ -143,9 +143,10 @@ def _idle_experts_on_rank1(rank: int, world_size: int) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from mm_train.platform.cpu_adaptor import apply_cpu_adaptor
+    from mm_train.platform.cpu_adaptor import apply_cpu_adaptor, apply_package_fallbacks
 
     apply_cpu_adaptor()
+    apply_package_fallbacks()
     parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=2)
     model_parallel_cuda_manual_seed(SEED)
     try:

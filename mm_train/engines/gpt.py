@@ -1,5 +1,5 @@
 """What the two GPT engines share: the megatron-core GPTModel on a megatron-core parallel state, its
-set-up (CPU adaptor, fused kernels, context-parallel groups, seeds, tokenizer, vocabulary), its batches,
+set-up (CPU adaptor, stand-ins for missing optional packages, fused kernels, context-parallel groups, seeds, tokenizer, vocabulary), its batches,
 and megatron-core's forward/backward schedule over the micro-batches of an iteration (the interleaved
 one when a pipeline rank holds several virtual stages).
 
@@ -39,7 +39,7 @@ from mm_train.launch import Launch, print_rank_0
 from mm_train.loss import loss_function
 from mm_train.model.build import padded_vocab_size
 from mm_train.optim import build_scheduler, learning_rate
-from mm_train.platform.cpu_adaptor import apply_cpu_adaptor
+from mm_train.platform.cpu_adaptor import apply_cpu_adaptor, apply_package_fallbacks
 
 
 def _set_seeds(seed: int) -> None:
@@ -65,6 +65,7 @@ class GPTEngine(Engine):
         self.device = launch.device
         if launch.device_type == "cpu":
             apply_cpu_adaptor()
+        apply_package_fallbacks()
         self.kernel_patch = fused_kernels.apply(config.fused_kernels, config.moe)
         moe = config.moe
         initialize_model_parallel(config.parallel, config.context_parallel.size,
