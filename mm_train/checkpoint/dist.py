@@ -29,6 +29,7 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from mm_train.checkpoint import messages
 from mm_train.checkpoint.atomic import (
+    MANIFEST,
     TRACKER,
     all_ranks_ok,
     check_manifest,
@@ -142,7 +143,7 @@ def save_checkpoint(root: str, state: TrainingState, stages: list, optimizer, sc
 
 
 def _read_common(directory: Path) -> dict:
-    has_manifest = (directory / "manifest.json").exists()
+    has_manifest = (directory / MANIFEST).exists()
     if has_manifest:
         check_manifest(directory)
     if not dist_checkpointing.check_is_distributed_checkpoint(str(directory)):

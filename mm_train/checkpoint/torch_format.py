@@ -36,6 +36,7 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from mm_train.checkpoint import messages
 from mm_train.checkpoint.atomic import (
+    MANIFEST,
     TRACKER,
     all_ranks_ok,
     check_manifest,
@@ -156,8 +157,9 @@ def _check_model_state(saved: dict, model, path: Path) -> None:
 
 def _read(directory: Path, stages: list, options: CheckpointConfig, distributed_optimizer: bool) -> dict:
     """This rank's model file, checked against the manifest (when there is one), layout and model."""
-    has_manifest = (directory / "manifest.json").exists()
-    saved_layout = check_manifest(directory) if has_manifest else None
+    has_manifest = (directory / MANIFEST).exists()
+    if has_manifest:
+        _check_layout(directory, check_manifest(directory))
     path = directory / rank_dir_name() / MODEL_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} has no {rank_dir_name()}/{MODEL_FILE} (saved at another parallel layout?)")
@@ -166,8 +168,9 @@ def _read(directory: Path, stages: list, options: CheckpointConfig, distributed_
         raise CheckpointError(f"{path} is not a Megatron checkpoint of version {CHECKPOINT_VERSION} or later")
     if not has_manifest and "config" in main:  # written by mm-train, which writes the manifest before publishing
         check_manifest(directory)
+    if not has_manifest:
+        _check_layout(directory, _megatron_layout(main, path))
     resuming = not options.finetune
-    _check_layout(directory, saved_layout or _megatron_layout(main, path))
     for key, stage in zip(model_keys(stages), stages, strict=True):
         if key not in main:
             raise CheckpointError(f"{path} has no '{key}' (saved with another number of virtual pipeline stages?)")
