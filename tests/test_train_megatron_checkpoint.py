@@ -40,10 +40,11 @@ def reference(tmp_path_factory):
 
 
 def _load_as_megatron(path):
-    """torch.load(weights_only=True) with only the classes megatron-core allows (registered on its import)."""
-    import megatron.core  # noqa: F401
+    """torch.load(weights_only=True) allowing only the classes megatron-core registers on its import."""
+    from megatron.core.safe_globals import SAFE_GLOBALS
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_torch_format_holds_what_megatron_lm_reads(reference):
