@@ -13,19 +13,21 @@ import sys
 
 import torch
 
+from mm_train.checkpoint.compatibility import completed_iteration
 from mm_train.config import FEATURES, build_config
 from mm_train.engines import build_engine
 from mm_train.errors import ConfigError, UserError
+from mm_train.features.resilience import RunGuard
 from mm_train.launch import init_process_group, read_launch
 from mm_train.loop import train
 from mm_train.platform.quiet import fallback_notice
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors (unknown flag, bad value) are one line, exit status 2."""
+    """argparse with its errors in one line (``mm-train: error: argument --hidden-size: ...``), exit 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,18 +59,26 @@ def main(argv: list[str] | None = None) -> int:
         _error(error)
         return 2
     engine = None
+    guard = RunGuard(config.resilience)
     try:
+        complete = completed_iteration(config.checkpoint, config.training.train_iters)
+        if complete is not None:
+            if launch.rank == 0:
+                print(f"mm-train: training is already complete: {config.checkpoint.load} holds iteration {complete}, "
+                      f"--train-iters is {config.training.train_iters}; nothing to do", flush=True)
+            return 0
         if launch.rank == 0:
             for line in (*config.notices, *fallback_notice()):
                 print(f"mm-train: {line}", flush=True)
         init_process_group(launch, config.parallel.distributed_backend, config.parallel.timeout)
         engine = build_engine(config, launch)
         state = engine.load()
-        train(engine, config, state)
+        train(engine, config, state, guard)
     except UserError as error:
         _error(error)
         return 1
     finally:
+        guard.close()
         if engine is not None:
             engine.close()
         if torch.distributed.is_initialized():

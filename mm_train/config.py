@@ -25,13 +25,14 @@ from mm_train.features import (
     parallel,
     precision,
     recompute,
+    resilience,
     training,
 )
 from mm_train.launch import Launch
 
 # Every feature of the command line, in the order of the --help groups.
-FEATURES = (model, precision, training, optimizer, recompute, parallel, fused_kernels, checkpointing, logging, data,
-            fsdp2, context_parallel, moe, compat)
+FEATURES = (model, precision, training, optimizer, recompute, parallel, fused_kernels, checkpointing, resilience,
+            logging, data, fsdp2, context_parallel, moe, compat)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class RunConfig:
     recompute: recompute.RecomputeConfig
     data: data.DataConfig
     checkpoint: checkpointing.CheckpointConfig
+    resilience: resilience.ResilienceConfig
     logging: logging.LoggingConfig
     notices: tuple[str, ...] = ()
 
@@ -116,6 +118,7 @@ def build_config(args: argparse.Namespace, launch: Launch) -> RunConfig:
         recompute=recompute.to_config(args),
         data=data.to_config(args, pad_multiple),
         checkpoint=checkpointing.to_config(args),
+        resilience=resilience.to_config(args),
         logging=logging.to_config(args),
         notices=tuple(compat.notices(args) + parallel.notices(args, launch) + model.notices(args)
                       + fused_kernels.notices(args) + moe.notices(args)),

@@ -13,3 +13,7 @@ class ConfigError(UserError, ValueError):
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be loaded (missing, partial, corrupt, or from another layout)."""
+
+
+class DataError(UserError, ValueError):
+    """A data file that cannot be read (missing, empty, truncated, not what it should be)."""

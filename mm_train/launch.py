@@ -70,6 +70,17 @@ def device_type() -> str:
     return "cpu"
 
 
+def collective_device() -> torch.device:
+    """Where the tensors of the default process group's collectives live: the CPU for gloo, else this
+    process's current accelerator."""
+    backend = torch.distributed.get_backend()
+    if backend == "gloo":
+        return torch.device("cpu")
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("npu", torch.npu.current_device())
+
+
 def read_launch(local_rank_flag: int | None = None) -> Launch:
     """The layout torchrun (or a plain single-process start) put in RANK/WORLD_SIZE/LOCAL_RANK;
     ``local_rank_flag`` (``--local-rank``, what ``python -m torch.distributed.launch`` passes) is used

@@ -1,6 +1,8 @@
 """The training loop: iterations up to --train-iters (or --exit-interval), Megatron-LM's iteration line,
 the progress bar and TensorBoard, evaluation every --eval-interval and checkpoints every
---save-interval and at the end. Everything model-specific is the engine's (:mod:`mm_train.engines`).
+--save-interval and at the end. After each iteration the run's guard (:mod:`mm_train.features.resilience`)
+stops it: without saving on a NaN/Inf, with a checkpoint on a stop signal or at the time limit.
+Everything model-specific is the engine's (:mod:`mm_train.engines`).
 
 As in Megatron-LM, the iteration line comes every --log-interval iterations and after the first
 iteration of a run (that one does not start a new interval), and the time per iteration counts
@@ -19,6 +21,7 @@ from mm_train.checkpoint import messages
 from mm_train.checkpoint.state import TrainingState
 from mm_train.config import RunConfig
 from mm_train.engines.base import Engine, StepResult
+from mm_train.features.resilience import RunGuard
 from mm_train.launch import is_last_rank, print_last_rank
 from mm_train.reporting import IterationStats, ProgressBar, TensorBoard, iteration_line, validation_line
 
@@ -105,8 +108,10 @@ def _save(engine: Engine, state: TrainingState, config: RunConfig) -> None:
                    parallel.pipeline_model_parallel_size)
 
 
-def train(engine: Engine, config: RunConfig, state: TrainingState) -> None:
-    """Trains from ``state`` (as :meth:`Engine.load` returned it) to the end of the run."""
+def train(engine: Engine, config: RunConfig, state: TrainingState, guard: RunGuard) -> None:
+    """Trains from ``state`` (as :meth:`Engine.load` returned it) to the end of the run, or until
+    ``guard`` stops it (:class:`mm_train.features.resilience.NonFiniteError` when the loss or the
+    gradient norm is not finite)."""
     training, logging, checkpoint = config.training, config.logging, config.checkpoint
     train_data, valid_data = engine.data(state)
     bar = ProgressBar(training.train_iters, enabled=is_last_rank())
@@ -118,6 +123,7 @@ def train(engine: Engine, config: RunConfig, state: TrainingState) -> None:
         result = engine.train_step(train_data)
         state.iteration += 1
         state.consumed_train_samples += training.global_batch_size
+        stop = guard.after_iteration(state.iteration, result.loss, result.grad_norm)
         interval.add(result)
         bar.update(state.iteration, result.loss)
         if _every(state.iteration, logging.tensorboard_log_interval) and result.loss is not None:
@@ -138,6 +144,10 @@ def train(engine: Engine, config: RunConfig, state: TrainingState) -> None:
         if checkpoint.save and _every(state.iteration, checkpoint.save_interval):
             _save(engine, state, config)
         interval.clock.resume()
+        if stop is not None:
+            bar.clear()
+            print_last_rank(f"exiting after iteration {state.iteration}: {stop}")
+            break
         if _every(state.iteration, training.exit_interval):
             break
     if checkpoint.save and not _every(state.iteration, checkpoint.save_interval):

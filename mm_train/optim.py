@@ -12,6 +12,10 @@ The schedule counts samples, as Megatron does. Warmup: ``--lr-warmup-fraction`` 
 (or ``--lr-warmup-iters``), linear from ``--lr-warmup-init`` (0); then ``--lr-decay-style`` (cosine,
 linear, ...) down to ``--min-lr`` at ``--lr-decay-iters`` (default ``--train-iters``). Every param
 group gets lr x lr_mult and wd x wd_mult (megatron-core 0.16's scheduler applies only wd_mult).
+
+On resume the checkpoint's schedule must equal the run's, unless ``--override-opt_param-scheduler``
+(the run's wins) or ``--use-checkpoint-opt_param-scheduler`` (the checkpoint's wins), as in Megatron;
+a difference is a :class:`mm_train.errors.CheckpointError` naming the flag that changed.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 
+from mm_train.errors import CheckpointError
+from mm_train.features import flag
 from mm_train.features.optimizer import OptimizerConfig
 from mm_train.features.parallel import ParallelConfig
 from mm_train.features.precision import PrecisionConfig
@@ -55,11 +61,13 @@ def param_group_overrides(config: OptimizerConfig) -> dict[ParamKey, ParamGroupO
 def build_megatron_optimizer(config: OptimizerConfig, precision: PrecisionConfig, parallel: ParallelConfig,
                              model_chunks: list):
     """megatron-core's optimizer over the DDP-wrapped model chunks (the distributed optimizer with
-    --use-distributed-optimizer)."""
+    --use-distributed-optimizer; with --fp16, megatron's dynamic grad scaler)."""
     megatron_config = MegatronOptimizerConfig(
         optimizer=config.optimizer, lr=config.lr, min_lr=config.min_lr, weight_decay=config.weight_decay,
         adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2, adam_eps=config.adam_eps,
         sgd_momentum=config.sgd_momentum, clip_grad=config.clip_grad, bf16=precision.bf16, fp16=precision.fp16,
+        initial_loss_scale=precision.initial_loss_scale, min_loss_scale=precision.min_loss_scale,
+        loss_scale_window=precision.loss_scale_window, hysteresis=precision.hysteresis,
         params_dtype=precision.params_dtype, use_distributed_optimizer=parallel.use_distributed_optimizer,
         overlap_param_gather=parallel.overlap_param_gather,
     )
@@ -94,8 +102,52 @@ def build_torch_optimizer(config: OptimizerConfig, named_parameters, fused: bool
                              fused=True if fused else None)
 
 
+# Each value megatron's scheduler compares on load, and the flags it is made of.
+_SCHEDULE_SOURCES = {
+    "max_lr": ("lr",),
+    "min_lr": ("min_lr",),
+    "lr_warmup_steps": ("lr_warmup_fraction", "lr_warmup_iters", "lr_decay_iters", "train_iters", "global_batch_size"),
+    "lr_decay_steps": ("lr_decay_iters", "train_iters", "global_batch_size"),
+    "lr_decay_style": ("lr_decay_style",),
+    "start_wd": ("weight_decay",),
+    "end_wd": ("weight_decay",),
+    "wd_incr_steps": ("train_iters", "global_batch_size"),
+    "wd_incr_style": (),
+}
+
+
 class ScaledParamScheduler(OptimizerParamScheduler):
-    """OptimizerParamScheduler that also multiplies each group's lr by its ``lr_mult``."""
+    """OptimizerParamScheduler that also multiplies each group's lr by its ``lr_mult``, and keeps the
+    flags its schedule is made of (``flags``, saved in its state) to name the one that changed when a
+    checkpoint's schedule differs."""
+
+    def __init__(self, *args, flags: dict | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.flags = flags or {}
+
+    def state_dict(self) -> dict:
+        """megatron's state, plus the schedule's flags."""
+        return {**super().state_dict(), "flags": dict(self.flags)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """megatron's load (override / use-checkpoint semantics); without either choice, a schedule that
+        differs from this run's raises CheckpointError (megatron asserts) before anything is set."""
+        if not (self.override_opt_param_scheduler or self.use_checkpoint_opt_param_scheduler):
+            self._check_same_schedule(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _check_same_schedule(self, saved: dict) -> None:
+        mine, saved_flags = super().state_dict(), saved.get("flags", {})
+        for key, sources in _SCHEDULE_SOURCES.items():
+            if key not in saved or saved[key] == mine[key]:
+                continue
+            changed = [f"{flag(name)} {saved_flags[name]} in the checkpoint, {self.flags.get(name)} now"
+                       for name in sources if name in saved_flags and saved_flags[name] != self.flags.get(name)]
+            raise CheckpointError(
+                f"this run's learning-rate schedule differs from the checkpoint's: "
+                f"{'; '.join(changed) or 'its flags'} ({key} {saved[key]} vs {mine[key]}); add "
+                "--override-opt_param-scheduler to use this run's schedule or --use-checkpoint-opt_param-scheduler "
+                "to keep the checkpoint's")
 
     def step(self, increment: int) -> None:
         """Advances by ``increment`` samples and sets lr and weight decay of every param group."""
@@ -129,7 +181,12 @@ def build_scheduler(config: OptimizerConfig, training: TrainingConfig, optimizer
         end_wd=config.weight_decay,
         wd_incr_steps=training.train_iters * training.global_batch_size,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=config.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=config.use_checkpoint_opt_param_scheduler,
+        flags={"lr": config.lr, "min_lr": config.min_lr, "lr_decay_style": config.lr_decay_style,
+               "lr_decay_iters": config.lr_decay_iters, "lr_warmup_fraction": config.lr_warmup_fraction,
+               "lr_warmup_iters": config.lr_warmup_iters, "weight_decay": config.weight_decay,
+               "train_iters": training.train_iters, "global_batch_size": training.global_batch_size},
     )
 
 

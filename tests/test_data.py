@@ -439,10 +439,14 @@ def test_bad_data_arguments_are_refused(flags, kwargs, message):
         build_data_iterators(config, tokenizer_of(config), 0, 0, 1)
 
 
-def test_consumed_samples_must_be_whole_global_batches():
-    config = make_config()
+def test_resume_with_another_global_batch_size_goes_on_with_the_next_sample():
+    config = make_config(global_batch_size=8)
+    uninterrupted = torch.cat([batch["tokens"] for batch in global_batches(config, dp_size=1, count=3)])
+    smaller = dataclasses.replace(config, global_batch_size=4)
+    resumed = torch.cat([batch["tokens"] for batch in global_batches(smaller, dp_size=2, count=4, consumed=8)])
+    assert torch.equal(resumed, uninterrupted[8:])
     with pytest.raises(ValueError, match="consumed_train_samples"):
-        build_data_iterators(config, tokenizer_of(config), 3, 0, 1)
+        build_data_iterators(config, tokenizer_of(config), -1, 0, 1)
 
 
 def test_tokens_outside_the_vocabulary_are_reported(tmp_path):

@@ -149,8 +149,24 @@ def test_partial_checkpoint_reported(saved, removed):
 def test_truncated_shard_reported(saved):
     shard = next(iteration_dir(saved, 2).glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
-    with pytest.raises(CheckpointError, match="corrupt or incompatible checkpoint"):
+    with pytest.raises(CheckpointError, match=f"{shard.name} is truncated or changed"):
         load_into_fresh(saved)
+
+
+def test_flipped_bytes_in_a_shard_are_reported_naming_it(saved):
+    shard = next(iteration_dir(saved, 2).glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(data)
+    with pytest.raises(CheckpointError, match=f"{shard.name} is corrupt: its SHA-256 differs"):
+        load_into_fresh(saved)
+
+
+def test_the_manifest_lists_every_file(saved):
+    directory = iteration_dir(saved, 2)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert (manifest["format"], manifest["iteration"]) == ("torch_dcp", 2)
+    assert set(manifest["files"]) == {p.name for p in directory.iterdir()} - {"manifest.json"}
 
 
 def test_garbage_common_file_reported(saved):
@@ -174,5 +190,5 @@ def test_missing_parts_need_no_load_flags(saved):
 
 def test_unreadable_rng_file_reported(saved):
     (iteration_dir(saved, 2) / "rng_rank_0.pt").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="rng_rank_0.pt: unreadable"):
+    with pytest.raises(CheckpointError, match="rng_rank_0.pt is truncated or changed"):
         load_into_fresh(saved)

@@ -52,6 +52,10 @@ FLAGS = {
     '--n-shared-experts', '--moe-shared-expert-intermediate-size', '--virtual-pipeline-model-parallel-size',
     '--seq-aux', '--moe-router-topk-scaling-factor', '--moe-router-num-groups', '--moe-router-group-topk',
     '--swap-attention', '--no-shared-storage', '--moe-permutation-async-comm', '--multi-latent-attention',
+    '--check-for-nan-in-loss-and-grad', '--no-check-for-nan-in-loss-and-grad', '--exit-signal-handler',
+    '--exit-duration-in-mins', '--initial-loss-scale', '--min-loss-scale', '--loss-scale-window', '--hysteresis',
+    '--override-opt_param-scheduler', '--override-opt-param-scheduler', '--use-checkpoint-opt_param-scheduler',
+    '--use-checkpoint-opt-param-scheduler',
 }
 
 

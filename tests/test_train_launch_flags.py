@@ -51,7 +51,8 @@ def test_unknown_flag_and_bad_value_are_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(TINY + ["--no-such-flag"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == "mm-train: error: unrecognized arguments: --no-such-flag\n"
+    assert capsys.readouterr().err == ("mm-train: error: unrecognized arguments: --no-such-flag (see mm-train "
+                                       "--help)\n")
     with pytest.raises(SystemExit):
         parse_args(TINY + ["--moe-layer-freq", "every other"])
     assert capsys.readouterr().err.count("\n") == 1

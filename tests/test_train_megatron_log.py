@@ -15,6 +15,7 @@ from mm_train.checkpoint.state import TrainingState
 from mm_train.cli import parse_args
 from mm_train.config import build_config
 from mm_train.engines.base import Engine, StepResult
+from mm_train.features.resilience import RunGuard
 from mm_train.launch import Launch
 from mm_train.loop import train
 from tests.train_runner import TINY, losses, run_train
@@ -61,8 +62,13 @@ class SleepingEngine(Engine):
 
 
 def run_loop(capsys, flags: list[str], engine: Engine) -> list[str]:
-    config = build_config(parse_args(TINY + flags), ONE_PROCESS)
-    train(engine, config, engine.load())
+    """The loop's output for ``engine`` (no process group: the guard's NaN check, a collective, is off)."""
+    config = build_config(parse_args(TINY + flags + ["--no-check-for-nan-in-loss-and-grad"]), ONE_PROCESS)
+    guard = RunGuard(config.resilience)
+    try:
+        train(engine, config, engine.load(), guard)
+    finally:
+        guard.close()
     return capsys.readouterr().out.splitlines()
 
 

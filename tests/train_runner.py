@@ -23,15 +23,28 @@ TINY = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64
         "--num-workers 0").split()
 
 
+def _command(args: list[str], nproc: int) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "mm_train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "mm_train", *args]
+
+
+def _environment(env: dict | None) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+
+
 def run_train(args: list[str], nproc: int = 1, timeout: float = 300, env: dict | None = None):
     """Runs ``python -m mm_train args`` (under torchrun when nproc > 1); returns the CompletedProcess."""
-    if nproc == 1:
-        command = [sys.executable, "-m", "mm_train", *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                   "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "mm_train", *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(_command(args, nproc), cwd=ROOT, env=_environment(env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_train(args: list[str], nproc: int = 1, **popen) -> subprocess.Popen:
+    """Starts ``python -m mm_train args`` (under torchrun when nproc > 1), stdout and stderr piped as text
+    unless ``popen`` (more subprocess.Popen arguments) says otherwise."""
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    return subprocess.Popen(_command(args, nproc), cwd=ROOT, env=_environment(None), **options)
 
 
 def losses(result) -> list[float]:

@@ -1,22 +1,25 @@
-"""The atomic checkpoint write every format uses, and the marker that names the newest checkpoint.
+"""The atomic checkpoint write every format uses, the manifest that lists and checksums its files,
+and the marker that names the newest checkpoint.
 
 Layout under the checkpoint root::
 
     latest_checkpointed_iteration.txt    the newest complete iteration, replaced last
     iter_0000020/                        one iteration, written by :func:`save_atomically`
-    iter_0000020/manifest.json           layout, iteration and the size of every file (:func:`write_manifest`)
+    iter_0000020/manifest.json           every file's size and SHA-256, and the format's metadata
 
 A save is collective: rank 0 creates an empty staging directory ``iter_0000020.tmp``, every rank
-writes its files into it, and after a barrier rank 0 adds what needs every rank's files (a
-manifest), fsyncs every file and directory in it, renames it to ``iter_0000020`` (an older copy is
-moved aside first and removed after), fsyncs the root, and only then replaces the marker (written to
-a temporary file, fsynced, renamed, root fsynced). A crash at any point leaves the marker naming a
-complete checkpoint (the old one or the new one), never a half-written one.
+writes its files into it, and after a barrier the ranks hash the files (each a share of them) and
+rank 0 writes the manifest (:mod:`mm_train.checkpoint.manifest`), fsyncs every file and directory in
+the staging directory, renames it to ``iter_0000020`` (an older copy is moved aside first and removed
+after), fsyncs the root, and only then replaces the marker (written to a temporary file, fsynced,
+renamed, root fsynced). A crash at any point leaves the marker naming a complete checkpoint (the old
+one or the new one), never a half-written one. Before a load, :func:`verify_files` checks every
+file against the manifest (the ranks share the work), so a truncated or corrupted file is one error
+naming it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -24,10 +27,17 @@ from pathlib import Path
 
 import torch
 
+from mm_train.checkpoint.manifest import (
+    MANIFEST,
+    entry_problem,
+    file_entry,
+    listed_files,
+    read_manifest,
+    write_manifest,
+)
 from mm_train.errors import CheckpointError
 
 TRACKER = "latest_checkpointed_iteration.txt"
-MANIFEST = "manifest.json"
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
@@ -89,13 +99,26 @@ def _publish(root: Path, staging: Path, final: Path, iteration: int) -> None:
     _fsync(root)
 
 
-def save_atomically(root: str | Path, iteration: int, write: Callable[[Path], None],
-                    seal: Callable[[Path], None] | None = None) -> Path:
+def _hash_files(staging: Path) -> dict[str, dict]:
+    """Manifest entries of every file in ``staging`` (collective: rank 0 lists them, each rank hashes
+    a share); complete on rank 0 only."""
+    names = [listed_files(staging) if rank() == 0 else None]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(names, src=0)
+    share = {name: file_entry(staging / name) for name in names[0][rank()::world_size()]}
+    shares = [share]
+    if torch.distributed.is_initialized():
+        shares = [None] * world_size()
+        torch.distributed.gather_object(share, shares if rank() == 0 else None, dst=0)
+    return {name: entry for part in shares if part for name, entry in sorted(part.items())}
+
+
+def save_atomically(root: str | Path, iteration: int, write: Callable[[Path], None], metadata: dict) -> Path:
     """Saves iteration ``iteration`` under ``root`` as described in the module doc (collective).
 
     ``write(staging)`` runs on every rank and writes that rank's files into the staging directory;
-    ``seal(staging)`` runs on rank 0 once every rank has written (e.g. a manifest of all files).
-    Returns the final iteration directory.
+    ``metadata`` (plain JSON values, e.g. iteration and layout) goes into the manifest beside the
+    files' sizes and checksums. Returns the final iteration directory.
     """
     root = Path(root)
     final = iteration_dir(root, iteration)
@@ -106,9 +129,9 @@ def save_atomically(root: str | Path, iteration: int, write: Callable[[Path], No
     barrier()
     write(staging)
     barrier()
+    files = _hash_files(staging)
     if rank() == 0:
-        if seal is not None:
-            seal(staging)
+        write_manifest(staging, metadata, files)
         _publish(root, staging, final, iteration)
     barrier()
     return final
@@ -125,6 +148,28 @@ def latest_iteration(root: str | Path) -> int | None:
     return int(text)
 
 
+def verify_files(directory: Path, required: bool = True) -> dict | None:
+    """Checks every file of checkpoint ``directory`` against its manifest: present, of the listed size
+    and SHA-256 (collective: each rank checks a share). Returns the manifest; None when there is none
+    and it is not ``required``. Raises CheckpointError on every rank, naming the first bad file."""
+    error, manifest = None, None
+    try:
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory} does not exist")
+        manifest = read_manifest(directory)
+        if manifest is None and required:
+            raise CheckpointError(f"{directory} is incomplete: no {MANIFEST} (the save did not finish)")
+        files = manifest["files"] if manifest is not None else {}
+        for name in sorted(files)[rank()::world_size()]:
+            problem = entry_problem(directory, name, files[name])
+            if problem is not None:
+                raise CheckpointError(problem)
+    except CheckpointError as failure:
+        error = str(failure)
+    all_ranks_ok(error)
+    return manifest
+
+
 def all_ranks_ok(error: str | None) -> None:
     """Raises CheckpointError on every rank when any rank reports an ``error`` (so no rank is left
     waiting in a later collective); a rank's own error is raised as is, another's names that rank."""
@@ -138,32 +183,3 @@ def all_ranks_ok(error: str | None) -> None:
     if failures:
         index, message = failures[0]
         raise CheckpointError(f"rank {index}: {message}")
-
-
-def write_manifest(directory: Path, iteration: int, layout: dict[str, int], format_version: int) -> None:
-    """Writes ``directory/manifest.json``: format version, iteration, ``layout`` and every file's size
-    (call it from ``seal``, once every rank has written)."""
-    files = {str(path.relative_to(directory)): path.stat().st_size
-             for path in sorted(directory.rglob("*")) if path.is_file()}
-    manifest = {"format_version": format_version, "iteration": iteration, "layout": layout, "files": files}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
-
-
-def check_manifest(directory: Path) -> dict[str, int]:
-    """Checks every file the manifest of ``directory`` lists (present, same size); returns the saved layout.
-    CheckpointError when the manifest is missing or corrupt, or a file is missing or changed."""
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{directory} is incomplete: no {MANIFEST} (the save did not finish)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files, layout = manifest["files"], manifest["layout"]
-    except (ValueError, KeyError) as error:
-        raise CheckpointError(f"{manifest_path} is corrupt: {error}") from None
-    for name, size in files.items():
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"{directory} is partial: {name} is missing")
-        if path.stat().st_size != size:
-            raise CheckpointError(f"{path} is truncated or changed: {path.stat().st_size} bytes, manifest says {size}")
-    return layout

@@ -8,11 +8,13 @@ Layout of ``<dir>``::
         common.pt                        iteration, consumed samples, scheduler, world size
         rng_rank_<r>.pt                  RNG states of rank r, in Megatron's layout
                                          (:func:`mm_train.checkpoint.state.rng_state`)
+        manifest.json                    size and SHA-256 of every file, iteration, metadata
 
 Model and optimizer state come from torch.distributed.checkpoint.state_dict, keyed by global
 parameter names, so a checkpoint written by FSDP2 at one world size loads into another world
 size or into an unsharded model (DCP reshards). RNG states are per rank and only load at the
-world size they were saved at. A save is atomic (:func:`mm_train.checkpoint.atomic.save_atomically`).
+world size they were saved at. A save is atomic (:func:`mm_train.checkpoint.atomic.save_atomically`);
+a load first checks every file against the manifest (:func:`mm_train.checkpoint.atomic.verify_files`).
 Files are read with ``torch.load(weights_only=True)``. Loading prints Megatron's lines (the directory and
 iteration loaded, or the warning that there is none).
 """
@@ -40,6 +42,7 @@ from mm_train.checkpoint.atomic import (
     latest_iteration,
     rank,
     save_atomically,
+    verify_files,
     world_size,
 )
 from mm_train.checkpoint.state import read_file, rng_state, set_rng_state
@@ -62,13 +65,15 @@ class LoadedCheckpoint:
 def save_dcp_checkpoint(checkpoint_dir: str | Path, iteration: int, model: nn.Module,
                         optimizer: torch.optim.Optimizer | None, *, scheduler: Any = None,
                         consumed_samples: int = 0, save_optim: bool = True, save_rng: bool = True,
-                        rng_tracker: Any = None, extra: dict[str, Any] | None = None) -> Path:
+                        rng_tracker: Any = None, extra: dict[str, Any] | None = None,
+                        metadata: dict[str, Any] | None = None) -> Path:
     """Writes iteration ``iteration`` under ``checkpoint_dir`` atomically; collective over all ranks.
 
     ``model`` is the module whose ``named_parameters`` are the global names (FSDP2-sharded or
     plain); ``optimizer`` is saved unless ``save_optim`` is False (``--no-save-optim``);
     ``scheduler`` is anything with ``state_dict()``; RNG states unless ``save_rng`` is False;
-    ``extra`` is a small dict of tensors/numbers/strings returned as ``LoadedCheckpoint.extra``.
+    ``extra`` is a small dict of tensors/numbers/strings returned as ``LoadedCheckpoint.extra``;
+    ``metadata`` (plain JSON values, e.g. the run's configuration) goes into the manifest.
     Returns the final iteration directory.
     """
 
@@ -92,7 +97,8 @@ def save_dcp_checkpoint(checkpoint_dir: str | Path, iteration: int, model: nn.Mo
                 "extra": extra or {},
             }, staging / COMMON_FILENAME)
 
-    return save_atomically(checkpoint_dir, iteration, write)
+    return save_atomically(checkpoint_dir, iteration, write,
+                           {"format": FORMAT, "iteration": iteration, **(metadata or {})})
 
 
 def _read_common(path: Path) -> dict[str, Any]:
@@ -129,6 +135,7 @@ def load_dcp_checkpoint(checkpoint_dir: str | Path, model: nn.Module, optimizer:
     messages.loading(checkpoint_dir, iteration)
     path = iteration_dir(checkpoint_dir, iteration)
     common = _read_common(path)
+    verify_files(path, required=False)  # checkpoints written before manifests existed have none
     this_rank, size = rank(), world_size()
     load_optim = load_optim and optimizer is not None
     if load_optim and not common["has_optimizer"]:

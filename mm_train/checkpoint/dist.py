@@ -29,15 +29,14 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from mm_train.checkpoint import messages
 from mm_train.checkpoint.atomic import (
-    MANIFEST,
     TRACKER,
     all_ranks_ok,
-    check_manifest,
     iteration_dir,
     latest_iteration,
     save_atomically,
-    write_manifest,
+    verify_files,
 )
+from mm_train.checkpoint.manifest import MANIFEST
 from mm_train.checkpoint.state import TrainingState, check_rng_state, rng_state, set_rng_state
 from mm_train.checkpoint.torch_format import (
     CHECKPOINT_VERSION,
@@ -136,16 +135,12 @@ def save_checkpoint(root: str, state: TrainingState, stages: list, optimizer, sc
             sharded["rng_state"] = _rng_object([rng_state(get_cuda_rng_tracker())])
         dist_checkpointing.save(sharded, str(staging), content_metadata=metadata)
 
-    def seal(staging: Path) -> None:
-        write_manifest(staging, state.iteration, saved_layout, FORMAT_VERSION)
+    metadata = {"format_version": FORMAT_VERSION, "iteration": state.iteration, "layout": saved_layout,
+                "config": config_record}
+    return save_atomically(root, state.iteration, write, metadata)
 
-    return save_atomically(root, state.iteration, write, seal)
 
-
-def _read_common(directory: Path) -> dict:
-    has_manifest = (directory / MANIFEST).exists()
-    if has_manifest:
-        check_manifest(directory)
+def _read_common(directory: Path, manifest: dict | None) -> dict:
     if not dist_checkpointing.check_is_distributed_checkpoint(str(directory)):
         raise CheckpointError(f"{directory} is not a torch_dist checkpoint (saved with another --ckpt-format?)")
     try:
@@ -154,8 +149,8 @@ def _read_common(directory: Path) -> dict:
         raise CheckpointError(f"{directory}/common.pt: unreadable ({type(error).__name__})") from None
     if common.get("checkpoint_version", 0) < CHECKPOINT_VERSION:
         raise CheckpointError(f"{directory} is not a Megatron checkpoint of version {CHECKPOINT_VERSION} or later")
-    if not has_manifest and "config" in common:  # written by mm-train, which writes the manifest before publishing
-        check_manifest(directory)
+    if manifest is None and "config" in common:  # written by mm-train, which writes the manifest before publishing
+        raise CheckpointError(f"{directory} is incomplete: no {MANIFEST} (the save did not finish)")
     return common
 
 
@@ -180,11 +175,12 @@ def load_checkpoint(root: str, stages: list, optimizer, scheduler, options: Chec
         return None
     directory = iteration_dir(root, iteration)
     messages.loading(root, iteration)
+    if not directory.is_dir():
+        all_ranks_ok(f"{root}/{TRACKER} names iteration {iteration} but {directory} does not exist")
+    manifest = verify_files(directory, required=False)  # Megatron-LM's checkpoints have none
     error, common = None, {}
     try:
-        if not directory.is_dir():
-            raise CheckpointError(f"{root}/{TRACKER} names iteration {iteration} but {directory} does not exist")
-        common = _read_common(directory)
+        common = _read_common(directory, manifest)
         resuming = not options.finetune
         if resuming and options.load_optim and "opt_param_scheduler" not in common:
             raise CheckpointError(f"{directory} has no optimizer state (saved with --no-save-optim?); resume with "

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from mm_train.errors import CheckpointError
+from mm_train.launch import device_type
 
 
 @dataclass
@@ -37,11 +38,13 @@ def read_file(path: Path) -> object:
 
 def rng_state(tracker=None) -> dict:
     """Megatron's RNG state of this process: ``random_rng_state``, ``np_rng_state``, ``torch_rng_state``,
-    ``cuda_rng_state`` (on CUDA) and, with a Megatron RNG ``tracker``, ``rng_tracker_states``."""
+    ``cuda_rng_state`` (the accelerator's, CUDA or NPU, when there is one) and, with a Megatron RNG
+    ``tracker``, ``rng_tracker_states`` (its model-parallel states: dropout inside tensor-parallel regions)."""
     state = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
              "torch_rng_state": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda_rng_state"] = torch.cuda.get_rng_state()
+    accelerator = device_type()
+    if accelerator != "cpu":
+        state["cuda_rng_state"] = getattr(torch, accelerator).get_rng_state()
     if tracker is not None:
         state["rng_tracker_states"] = tracker.get_states()
     return state
@@ -71,7 +74,8 @@ def set_rng_state(state: dict, tracker=None) -> None:
     random.setstate(state["random_rng_state"])
     np.random.set_state(state["np_rng_state"])
     torch.set_rng_state(state["torch_rng_state"])
-    if "cuda_rng_state" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    accelerator = device_type()
+    if "cuda_rng_state" in state and accelerator != "cpu":
+        getattr(torch, accelerator).set_rng_state(state["cuda_rng_state"])
     if tracker is not None:
         tracker.set_states(state["rng_tracker_states"])

@@ -1,5 +1,6 @@
 """``--ckpt-format torch``: Megatron-LM's legacy checkpoint files, written atomically
-(:func:`mm_train.checkpoint.atomic.save_atomically`) with our manifest beside them.
+(:func:`mm_train.checkpoint.atomic.save_atomically`) with our manifest beside them (every file's size and
+SHA-256, the layout and the run's configuration, checked before a load).
 
 Layout under ``--save`` (Megatron-LM's)::
 
@@ -36,15 +37,14 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from mm_train.checkpoint import messages
 from mm_train.checkpoint.atomic import (
-    MANIFEST,
     TRACKER,
     all_ranks_ok,
-    check_manifest,
     iteration_dir,
     latest_iteration,
     save_atomically,
-    write_manifest,
+    verify_files,
 )
+from mm_train.checkpoint.manifest import MANIFEST
 from mm_train.checkpoint.state import TrainingState, check_rng_state, read_file, rng_state, set_rng_state
 from mm_train.errors import CheckpointError
 from mm_train.features.checkpointing import CheckpointConfig, megatron_args
@@ -117,11 +117,9 @@ def save_checkpoint(root: str, state: TrainingState, stages: list, optimizer, sc
         payload["config"] = config_record
         torch.save(payload, rank_dir / MODEL_FILE)
 
-    def seal(staging: Path) -> None:
-        write_manifest(staging, state.iteration, saved_layout, FORMAT_VERSION)
-
-    saved_layout = layout()
-    return save_atomically(root, state.iteration, write, seal)
+    metadata = {"format_version": FORMAT_VERSION, "iteration": state.iteration, "layout": layout(),
+                "config": config_record}
+    return save_atomically(root, state.iteration, write, metadata)
 
 
 def _check_layout(directory: Path, saved: dict) -> None:
@@ -155,20 +153,21 @@ def _check_model_state(saved: dict, model, path: Path) -> None:
                                   f"{tuple(tensor.shape)}")
 
 
-def _read(directory: Path, stages: list, options: CheckpointConfig, distributed_optimizer: bool) -> dict:
-    """This rank's model file, checked against the manifest (when there is one), layout and model."""
-    has_manifest = (directory / MANIFEST).exists()
-    if has_manifest:
-        _check_layout(directory, check_manifest(directory))
+def _read(directory: Path, manifest: dict | None, stages: list, options: CheckpointConfig,
+          distributed_optimizer: bool) -> dict:
+    """This rank's model file, checked against the layout (the manifest's, or a Megatron-LM checkpoint's
+    args) and the model."""
+    if manifest is not None:
+        _check_layout(directory, manifest.get("layout", {}))
     path = directory / rank_dir_name() / MODEL_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} has no {rank_dir_name()}/{MODEL_FILE} (saved at another parallel layout?)")
     main = read_file(path)
     if not isinstance(main, dict) or main.get("checkpoint_version", 0) < CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} is not a Megatron checkpoint of version {CHECKPOINT_VERSION} or later")
-    if not has_manifest and "config" in main:  # written by mm-train, which writes the manifest before publishing
-        check_manifest(directory)
-    if not has_manifest:
+    if manifest is None:
+        if "config" in main:  # written by mm-train, which writes the manifest before publishing
+            raise CheckpointError(f"{directory} is incomplete: no {MANIFEST} (the save did not finish)")
         _check_layout(directory, _megatron_layout(main, path))
     resuming = not options.finetune
     for key, stage in zip(model_keys(stages), stages, strict=True):
@@ -240,11 +239,12 @@ def load_checkpoint(root: str, stages: list, optimizer, scheduler, options: Chec
         return None
     directory = iteration_dir(root, iteration)
     messages.loading(root, iteration)
+    if not directory.is_dir():
+        all_ranks_ok(f"{root}/{TRACKER} names iteration {iteration} but {directory} does not exist")
+    manifest = verify_files(directory, required=False)  # Megatron-LM's checkpoints have none
     error, main = None, {}
     try:
-        if not directory.is_dir():
-            raise CheckpointError(f"{root}/{TRACKER} names iteration {iteration} but {directory} does not exist")
-        main = _read(directory, stages, options, distributed_optimizer)
+        main = _read(directory, manifest, stages, options, distributed_optimizer)
     except CheckpointError as failure:
         error = str(failure)
     all_ranks_ok(error)

@@ -6,10 +6,13 @@ int64 ids ``[offset, offset + count)`` of one document.
 
 from __future__ import annotations
 
+import struct
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+
+from mm_train.errors import DataError
 
 DEFAULT_CORPUS = "mm_corpus.txt"
 
@@ -43,14 +46,57 @@ class InMemoryDocuments:
         return self._tokens[start:start + count]
 
 
+# Megatron's .idx: magic, version <Q (1), token dtype code <B, sequence count <Q, document count <Q,
+# then int32 sequence lengths, int64 sequence byte offsets into the .bin, int64 document indices.
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEADER = struct.Struct("<9sQBQQ")
+
+
+def _read_at(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(size)
+
+
+def check_indexed_files(prefix: str) -> None:
+    """Checks the .idx/.bin pair of ``prefix`` before it is opened: both present, the index whole and
+    of Megatron's format, the data file as long as the index says. DataError (one line naming the file
+    and what is wrong) otherwise."""
+    module = indexed_dataset_module()
+    idx, bin_ = Path(module.get_idx_path(prefix)), Path(module.get_bin_path(prefix))
+    missing = [str(path) for path in (idx, bin_) if not path.is_file()]
+    if missing:
+        raise DataError(f"--data-path {prefix}: {' and '.join(missing)} not found (build them with mm-preprocess)")
+    size = idx.stat().st_size
+    if size < _IDX_HEADER.size:
+        raise DataError(f"{idx} is {'empty' if size == 0 else f'truncated ({size} bytes)'}: not even the "
+                        f"{_IDX_HEADER.size}-byte header of an index")
+    magic, version, code, sequences, documents = _IDX_HEADER.unpack(_read_at(idx, 0, _IDX_HEADER.size))
+    if magic != _IDX_MAGIC or version != 1:
+        raise DataError(f"{idx} is not a Megatron index file (version 1)")
+    try:
+        token_bytes = module.DType.size(module.DType.dtype_from_code(code))
+    except ValueError:
+        raise DataError(f"{idx}: unknown token type code {code}") from None
+    expected = _IDX_HEADER.size + 12 * sequences + 8 * documents
+    if size < expected:
+        raise DataError(f"{idx} is truncated: {size} bytes, its header announces {expected}")
+    if sequences == 0:
+        raise DataError(f"{idx} holds no documents")
+    length, = struct.unpack("<i", _read_at(idx, _IDX_HEADER.size + 4 * (sequences - 1), 4))
+    pointer, = struct.unpack("<q", _read_at(idx, _IDX_HEADER.size + 4 * sequences + 8 * (sequences - 1), 8))
+    needed = pointer + length * token_bytes
+    if bin_.stat().st_size < needed:
+        raise DataError(f"{bin_} is truncated: {bin_.stat().st_size} bytes, its index needs {needed}")
+
+
 class IndexedDocuments:
-    """The sequences of a Megatron indexed dataset (``prefix.bin`` / ``prefix.idx``), one per document."""
+    """The sequences of a Megatron indexed dataset (``prefix.bin`` / ``prefix.idx``), one per document;
+    DataError for files that are missing or damaged (:func:`check_indexed_files`)."""
 
     def __init__(self, prefix: str) -> None:
+        check_indexed_files(prefix)
         module = indexed_dataset_module()
-        if not module.IndexedDataset.exists(prefix):
-            raise ValueError(f"--data-path {prefix}: {prefix}.bin and {prefix}.idx not found "
-                             "(build them with mm-preprocess)")
         self.prefix = prefix
         self._dataset = module.IndexedDataset(prefix)
         self.lengths = self._dataset.sequence_lengths.astype(np.int64)

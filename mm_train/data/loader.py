@@ -1,12 +1,15 @@
 """Train/valid iterators over micro-batches for one data-parallel rank.
 
-Global batch i is samples [i * global_batch_size, (i + 1) * global_batch_size) of the stream. Rank r of
-dp_size takes the r-th contiguous slice of it and cuts that into micro-batches, so concatenating the
-ranks' micro-batches in rank order gives the single-rank global batch, for any dp_size.
+After ``consumed`` samples, global batch i is samples [consumed + i * global_batch_size, consumed +
+(i + 1) * global_batch_size) of the stream (so a run resumed with another global batch size goes on
+with the next sample). Rank r of dp_size takes the r-th contiguous slice of it and cuts that into
+micro-batches, so concatenating the ranks' micro-batches in rank order gives the single-rank global
+batch, for any dp_size.
 """
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -28,7 +31,7 @@ TRAIN, VALID = 0, 1
 class GlobalBatchSampler(torch.utils.data.Sampler):
     """Yields this rank's micro-batches as lists of (sample number, padded length), forever.
 
-    Starts at global batch ``consumed_samples // global_batch_size``. The padded length is
+    Starts at sample ``consumed_samples``. The padded length is
     ``seq_length`` or, with ``variable_lengths``, the longest sample of the global batch minus one,
     rounded up to ``pad_multiple``.
     """
@@ -36,11 +39,10 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     def __init__(self, stream, consumed_samples: int, seq_length: int, micro_batch_size: int,
                  global_batch_size: int, dp_rank: int, dp_size: int, variable_lengths: bool,
                  pad_multiple: int = 1) -> None:
-        if consumed_samples < 0 or consumed_samples % global_batch_size:
-            raise ValueError(f"consumed_train_samples must be a non-negative multiple of the global batch size "
-                             f"{global_batch_size}, got {consumed_samples}")
+        if consumed_samples < 0:
+            raise ValueError(f"consumed_train_samples must be non-negative, got {consumed_samples}")
         self._stream = stream
-        self._first_batch = consumed_samples // global_batch_size
+        self._first = consumed_samples
         self._seq_length = seq_length
         self._micro_batch_size = micro_batch_size
         self._global_batch_size = global_batch_size
@@ -56,14 +58,13 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         return -(-longest // self._pad_multiple) * self._pad_multiple
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        batch = self._first_batch
+        first = self._first
         while True:
-            first = batch * self._global_batch_size
             length = self._padded_length(first)
             rank_first = first + self._dp_rank * self._per_rank
             for start in range(rank_first, rank_first + self._per_rank, self._micro_batch_size):
                 yield [(k, length) for k in range(start, start + self._micro_batch_size)]
-            batch += 1
+            first += self._global_batch_size
 
 
 class SampleDataset(torch.utils.data.Dataset):
@@ -166,14 +167,25 @@ def _check_config(config: DataConfig, dp_rank: int, dp_size: int) -> None:
                          f"--micro-batch-size {config.micro_batch_size} x data-parallel size {dp_size}")
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Worker processes ignore SIGINT and SIGTERM: the main process decides when to stop (with
+    --exit-signal-handler it finishes the iteration first) and shuts its workers down itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _iterate(stream, source: str, tokenizer, config: DataConfig, consumed: int, dp_rank: int,
              dp_size: int) -> Iterator[dict[str, torch.Tensor]]:
     sampler = GlobalBatchSampler(stream, consumed, config.seq_length, config.micro_batch_size,
                                  config.global_batch_size, dp_rank, dp_size, config.variable_seq_lengths,
                                  config.pad_multiple)
     dataset = SampleDataset(stream, tokenizer.pad, tokenizer.vocab_size, source)
+    # Own generator: creating the iterator must not draw from the global RNG, whose state a checkpoint
+    # restores (dropout after a resume would differ from the uninterrupted run).
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
-                                         persistent_workers=config.num_workers > 0)
+                                         persistent_workers=config.num_workers > 0,
+                                         generator=torch.Generator().manual_seed(config.seed),
+                                         worker_init_fn=_ignore_stop_signals)
     return iter(loader)
 
 

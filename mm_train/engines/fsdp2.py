@@ -29,7 +29,6 @@ from torch.distributed.tensor import DTensor
 from mm_train.checkpoint.dcp import load_dcp_checkpoint, save_dcp_checkpoint
 from mm_train.checkpoint.state import TrainingState
 from mm_train.engines.gpt import GPTEngine
-from mm_train.errors import CheckpointError
 from mm_train.features.fsdp2 import apply_fsdp2, build_fsdp2_model_on_meta
 from mm_train.features.precision import PrecisionConfig
 from mm_train.model.build import build_model, transformer_config
@@ -118,20 +117,17 @@ class FSDP2Engine(GPTEngine):
         """Drops the gradients."""
         self.optimizer.zero_grad()
 
-    def load(self) -> TrainingState:
+    def restore(self) -> TrainingState | None:
         """The newest torch_dcp checkpoint under --load (any world size DCP can reshard to; RNG states only
-        at the saved one); --finetune loads the weights only."""
+        at the saved one); --finetune loads the weights only; None when there is none."""
         options = self.config.checkpoint
-        loaded = None
-        if options.load:
-            loaded = load_dcp_checkpoint(
-                options.load, self.stage, self.optimizer.optimizer, scheduler=self.scheduler,
-                load_optim=options.load_optim and not options.finetune,
-                load_rng=options.load_rng and not options.finetune, rng_tracker=get_cuda_rng_tracker())
-        if loaded is None and not self.config.model.initialization:
-            raise CheckpointError(f"--no-initialization: no checkpoint under --load {options.load} to take the "
-                                  "weights from")
-        if loaded is None or options.finetune:
+        loaded = load_dcp_checkpoint(
+            options.load, self.stage, self.optimizer.optimizer, scheduler=self.scheduler,
+            load_optim=options.load_optim and not options.finetune,
+            load_rng=options.load_rng and not options.finetune, rng_tracker=get_cuda_rng_tracker())
+        if loaded is None:
+            return None
+        if options.finetune:
             return TrainingState()
         return TrainingState(loaded.iteration, loaded.consumed_samples)
 
@@ -141,4 +137,4 @@ class FSDP2Engine(GPTEngine):
         return save_dcp_checkpoint(options.save, state.iteration, self.stage, self.optimizer.optimizer,
                                    scheduler=self.scheduler, consumed_samples=state.consumed_train_samples,
                                    save_optim=options.save_optim, save_rng=options.save_rng,
-                                   rng_tracker=get_cuda_rng_tracker())
+                                   rng_tracker=get_cuda_rng_tracker(), metadata={"config": self.config.record()})

@@ -5,7 +5,8 @@ one when a pipeline rank holds several virtual stages).
 
 The model and the batches live on this process's device (the CPU, or accelerator LOCAL_RANK). A
 subclass wraps the model (:mod:`mm_train.engines.megatron`, :mod:`mm_train.engines.fsdp2`), owns the
-optimizer and the checkpoint format, and clears gradients its own way (:meth:`GPTEngine.zero_grad`).
+optimizer and the checkpoint format (:meth:`GPTEngine.restore`; :meth:`GPTEngine.load` first checks that
+the checkpoint holds this run's model), and clears gradients its own way (:meth:`GPTEngine.zero_grad`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import nn
 
+from mm_train.checkpoint.compatibility import check_saved_model
 from mm_train.checkpoint.state import TrainingState
 from mm_train.config import RunConfig
 from mm_train.data import build_data_iterators, build_tokenizer
 from mm_train.engines.base import Engine, StepResult
-from mm_train.errors import ConfigError
+from mm_train.errors import CheckpointError, ConfigError
 from mm_train.features import fused_kernels
 from mm_train.features.context_parallel import (
     ContextParallel,
@@ -104,6 +106,24 @@ class GPTEngine(Engine):
     @abstractmethod
     def zero_grad(self) -> None:
         """Clears the gradients before an iteration."""
+
+    @abstractmethod
+    def restore(self) -> TrainingState | None:
+        """Restores the newest checkpoint under --load in the engine's format; None when there is none
+        (after Megatron's warning)."""
+
+    def load(self) -> TrainingState:
+        """The newest checkpoint under --load, once its saved model configuration matched this run's
+        (:func:`mm_train.checkpoint.compatibility.check_saved_model`); a fresh state without --load or
+        when it holds no checkpoint (refused with --no-initialization: the weights must come from one)."""
+        options, loaded = self.config.checkpoint, None
+        if options.load:
+            check_saved_model(options.load, self.config.record())
+            loaded = self.restore()
+        if loaded is None and not self.config.model.initialization:
+            raise CheckpointError(f"--no-initialization: no checkpoint under --load {options.load} to take the "
+                                  "weights from")
+        return loaded or TrainingState()
 
     def loss_scale(self) -> float:
         """The optimizer's loss scale (1.0 unless it scales the loss)."""

@@ -22,7 +22,6 @@ from megatron.core.transformer.module import Float16Module
 from mm_train.checkpoint import dist, torch_format
 from mm_train.checkpoint.state import TrainingState
 from mm_train.engines.gpt import GPTEngine
-from mm_train.errors import CheckpointError
 from mm_train.model.build import build_model, to_device, transformer_config
 from mm_train.optim import build_megatron_optimizer
 
@@ -57,6 +56,9 @@ class MegatronEngine(GPTEngine):
         if parallel.overlap_grad_reduce:
             transformer.grad_sync_func = _one_or_list([chunk.start_grad_sync for chunk in self.chunks])
         self.optimizer = build_megatron_optimizer(config.optimizer, config.precision, parallel, self.chunks)
+        # The schedule multiplies each micro-batch's loss (and MoE aux losses) by the loss scale before
+        # the backward pass; the optimizer divides the gradients by it (fp16; 1.0 otherwise).
+        transformer.grad_scale_func = self.optimizer.scale_loss
 
     def zero_grad(self) -> None:
         """Clears DDP's gradient buffers and the optimizer's gradients."""
@@ -68,22 +70,12 @@ class MegatronEngine(GPTEngine):
         """megatron's loss scale (1.0 for bf16 and fp32)."""
         return float(self.optimizer.get_loss_scale())
 
-    def load(self) -> TrainingState:
+    def restore(self) -> TrainingState | None:
         """The newest checkpoint under --load (--ckpt-format torch or torch_dist) into the stage(s),
-        optimizer and schedule; a fresh state when --load is unset or holds none."""
+        optimizer and schedule; None when --load holds none."""
         options, distributed = self.config.checkpoint, self.config.parallel.use_distributed_optimizer
-        loaded = None
-        if options.load:
-            if options.ckpt_format == "torch_dist":
-                loaded = dist.load_checkpoint(options.load, self.stages, self.optimizer, self.scheduler, options,
-                                              distributed)
-            else:
-                loaded = torch_format.load_checkpoint(options.load, self.stages, self.optimizer, self.scheduler,
-                                                      options, distributed)
-        if loaded is None and not self.config.model.initialization:
-            raise CheckpointError(f"--no-initialization: no checkpoint under --load {options.load} to take the "
-                                  "weights from")
-        return loaded or TrainingState()
+        module = dist if options.ckpt_format == "torch_dist" else torch_format
+        return module.load_checkpoint(options.load, self.stages, self.optimizer, self.scheduler, options, distributed)
 
     def save(self, state: TrainingState) -> Path:
         """A checkpoint of ``state.iteration`` under --save (parameters gathered first when

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-
-from mm_train.errors import ConfigError
+import math
 
 
 def flag(dest: str) -> str:
@@ -34,9 +33,38 @@ def fields_from(cls, args: argparse.Namespace, **values):
     return cls(**{f.name: values[f.name] if f.name in values else flags[f.name] for f in dataclasses.fields(cls)})
 
 
-def check_positive(args: argparse.Namespace, *names: str) -> None:
-    """ConfigError naming the first flag of ``names`` that is set and below 1."""
-    for name in names:
-        value = vars(args)[name]
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag(name)} must be >= 1")
+def ranged(kind: type, low: float | None = None, high: float | None = None, *, above: bool = False,
+           below: bool = False):
+    """An argparse ``type``: ``kind`` (int or float) in [low, high], open at ``low`` when ``above`` and at
+    ``high`` when ``below`` (None: unbounded). A value outside is argparse's one-line error (exit 2)
+    naming the flag, e.g. ``argument --hidden-size: must be an integer >= 1, got '0'``."""
+    noun = "an integer" if kind is int else "a number"
+    if low is not None and high is not None:
+        wanted = f"{noun} in {'(' if above else '['}{low}, {high}{')' if below else ']'}"
+    elif low is not None:
+        wanted = f"{noun} {'>' if above else '>='} {low}"
+    else:
+        wanted = f"{noun} {'<' if below else '<='} {high}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        inside = math.isfinite(value) and (
+            low is None or (value > low if above else value >= low)) and (
+            high is None or (value < high if below else value <= high))
+        if not inside:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+
+    parse.__name__ = wanted
+    return parse
+
+
+# The ranges of the trainer's numeric flags.
+positive_int = ranged(int, 1)
+non_negative_int = ranged(int, 0)
+positive = ranged(float, 0, above=True)
+non_negative = ranged(float, 0)
+probability_below_one = ranged(float, 0, 1, below=True)

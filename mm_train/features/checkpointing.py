@@ -9,7 +9,7 @@ import argparse
 from dataclasses import dataclass
 
 from mm_train.errors import ConfigError
-from mm_train.features import check_positive
+from mm_train.features import positive_int
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("checkpoints")
     group.add_argument("--save", default=None, help="checkpoint directory; setting it enables saving")
     group.add_argument("--load", default=None)
-    group.add_argument("--save-interval", type=int, default=None)
+    group.add_argument("--save-interval", type=positive_int, default=None)
     group.add_argument("--ckpt-format", default="torch", choices=["torch", "torch_dist", "torch_dcp"],
                        help="torch: Megatron-LM's files; torch_dist: megatron-core's sharded checkpoint (loads at "
                             "another TP/PP/DP); torch_dcp: with --use-torch-fsdp2")
@@ -47,8 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """A positive save interval; torch_dcp is FSDP2's format (FSDP2 refuses the torch format itself)."""
-    check_positive(args, "save_interval")
+    """torch_dcp is FSDP2's format (FSDP2 refuses the torch format itself)."""
     if args.ckpt_format == "torch_dcp" and not args.use_torch_fsdp2:
         raise ConfigError("--ckpt-format torch_dcp needs --use-torch-fsdp2 (Megatron's optimizer saves with "
                           "--ckpt-format torch or torch_dist)")

@@ -41,6 +41,7 @@ from mm_kernels.parallel import (
 )
 from mm_kernels.parallel.ulysses import check_ulysses_heads
 from mm_train.errors import ConfigError
+from mm_train.features import positive_int
 from mm_train.loss import micro_batch_loss
 
 ATTENTION_MASK_TYPES = ("causal", "general")
@@ -62,10 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds --context-parallel-size, --context-parallel-algo, --ulysses-degree-in-cp,
     --attention-mask-type (alias --cp-attention-mask-type) and --use-cp-send-recv-overlap."""
     group = parser.add_argument_group("context parallel")
-    group.add_argument("--context-parallel-size", type=int, default=1,
+    group.add_argument("--context-parallel-size", type=positive_int, default=1,
                        help="ranks one sequence is split over")
     group.add_argument("--context-parallel-algo", default=ULYSSES, choices=CP_ALGOS)
-    group.add_argument("--ulysses-degree-in-cp", type=int, default=None,
+    group.add_argument("--ulysses-degree-in-cp", type=positive_int, default=None,
                        help="hybrid_cp_algo: ranks of one Ulysses group (the ring spans the rest)")
     group.add_argument("--attention-mask-type", "--cp-attention-mask-type", dest="attention_mask_type",
                        default="causal", choices=ATTENTION_MASK_TYPES,

@@ -7,6 +7,7 @@ import argparse
 from dataclasses import dataclass
 
 from mm_train.errors import ConfigError
+from mm_train.features import non_negative_int, positive_int
 
 TOKENIZER_TYPES = ("ByteTokenizer", "HuggingFaceTokenizer", "PretrainedFromHF", "Llama2Tokenizer",
                    "GPTSentencePieceTokenizer", "NullTokenizer")
@@ -79,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--split", default="969,30,1",
                        help="Train,valid,test weights splitting the documents of each dataset.")
     add_tokenizer_arguments(group)
-    group.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes (0: none).")
+    group.add_argument("--num-workers", type=non_negative_int, default=2, help="DataLoader worker processes (0: none).")
     group.add_argument("--variable-seq-lengths", action="store_true",
                        help="One document per sample, batches padded to their longest sample.")
     group.add_argument("--mock-data", action="store_true", help="Random tokens instead of a dataset.")
@@ -96,7 +97,7 @@ def add_tokenizer_arguments(group) -> None:
                        help="Local Hugging Face tokenizer directory (PretrainedFromHF); never downloaded.")
     group.add_argument("--tokenizer-not-use-fast", dest="tokenizer_use_fast", action="store_false",
                        help="The slow (Python) Hugging Face tokenizer.")
-    group.add_argument("--vocab-size", type=int, default=None,
+    group.add_argument("--vocab-size", type=positive_int, default=None,
                        help="NullTokenizer: ids are 0..N-1 (N is end-of-document); others: at least the "
                             "tokenizer's vocabulary (default: the tokenizer's).")
 
@@ -113,8 +114,6 @@ def check_tokenizer(args: argparse.Namespace) -> None:
     if kind in ("HuggingFaceTokenizer", "PretrainedFromHF") and not (args.tokenizer_model
                                                                      or args.tokenizer_name_or_path):
         raise ConfigError(f"--tokenizer-type {kind} needs --tokenizer-name-or-path <local tokenizer directory>")
-    if args.vocab_size is not None and args.vocab_size < 1:
-        raise ConfigError("--vocab-size must be >= 1")
 
 
 def tokenizer_config(args: argparse.Namespace) -> TokenizerConfig:

@@ -326,7 +326,8 @@ def check(args: argparse.Namespace, world_size: int) -> None:
 def sharding_config(path: str, bf16: bool, world_size: int) -> FSDP2Config:
     """The YAML at ``path`` with --bf16 applied: param_dtype bf16 (and reduce_dtype fp32 unless set) when
     the YAML leaves param_dtype null; a YAML dtype other than bf16 conflicts. ConfigError (one line)
-    for a missing or bad file and a sharding size that does not divide ``world_size``."""
+    for a missing or bad file, a sharding size that does not divide ``world_size``, and fp16 compute or
+    gradient reduction (it needs loss scaling, which the FSDP2 engine does not have)."""
     try:
         config = load_fsdp2_config(path)
     except (FSDP2ConfigError, FileNotFoundError) as error:
@@ -334,12 +335,14 @@ def sharding_config(path: str, bf16: bool, world_size: int) -> FSDP2Config:
     shard = config.sharding_size
     if shard != "auto" and world_size % shard:
         raise ConfigError(f"{path}: key 'sharding_size': {shard} does not divide the world size {world_size}")
-    if not bf16:
-        return config
-    if config.param_dtype is None:
-        return dataclasses.replace(config, param_dtype=torch.bfloat16, reduce_dtype=config.reduce_dtype or torch.float32)
-    if config.param_dtype != torch.bfloat16:
+    if bf16 and config.param_dtype not in (None, torch.bfloat16):
         raise ConfigError(f"--bf16 conflicts with param_dtype {config.param_dtype} in {path}")
+    for key in ("param_dtype", "reduce_dtype"):
+        if getattr(config, key) == torch.float16:
+            raise ConfigError(f"{path}: key '{key}': fp16 needs loss scaling, which the FSDP2 engine does not "
+                              "have: use bf16")
+    if bf16 and config.param_dtype is None:
+        return dataclasses.replace(config, param_dtype=torch.bfloat16, reduce_dtype=config.reduce_dtype or torch.float32)
     return config
 
 

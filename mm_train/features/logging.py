@@ -10,7 +10,7 @@ import importlib.util
 from dataclasses import dataclass
 
 from mm_train.errors import ConfigError
-from mm_train.features import check_positive, fields_from
+from mm_train.features import fields_from, positive_int
 from mm_train.features.model import ModelConfig
 from mm_train.features.moe import MoEConfig
 
@@ -31,19 +31,18 @@ class LoggingConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the logging flags."""
     group = parser.add_argument_group("logging")
-    group.add_argument("--log-interval", type=int, default=100)
+    group.add_argument("--log-interval", type=positive_int, default=100)
     group.add_argument("--log-throughput", action="store_true",
                        help="adds 'throughput per GPU (TFLOP/s/GPU)' (Megatron's FLOP count) to the iteration line")
     group.add_argument("--log-tps", action="store_true",
                        help="adds 'tokens per sample' (tokens in the loss per sample, MindSpeed-MM) to the iteration "
                             "line")
     group.add_argument("--tensorboard-dir", default=None)
-    group.add_argument("--tensorboard-log-interval", type=int, default=1)
+    group.add_argument("--tensorboard-log-interval", type=positive_int, default=1)
 
 
 def check(args: argparse.Namespace) -> None:
-    """Positive intervals; TensorBoard installed when asked for."""
-    check_positive(args, "log_interval", "tensorboard_log_interval")
+    """TensorBoard installed when asked for."""
     if args.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard-dir needs the tensorboard package (pip install tensorboard)")
 

@@ -15,13 +15,21 @@ import importlib.util
 from dataclasses import dataclass
 
 from mm_train.errors import ConfigError
-from mm_train.features import check_positive, fields_from, flag
+from mm_train.features import (
+    fields_from,
+    flag,
+    non_negative,
+    positive,
+    positive_int,
+    probability_below_one,
+    ranged,
+)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The model flags with their defaults resolved (``num_query_groups`` = heads without
-    --group-query-attention; ``ffn_hidden_size`` and ``max_position_embeddings`` filled).
+    --group-query-attention; ``ffn_hidden_size``, ``kv_channels`` and ``max_position_embeddings`` filled).
     ``padded_vocab_size``: the model's vocabulary when given (else the tokenizer's, padded);
     ``transformer_impl``: the layer spec built ("local" or "transformer_engine");
     ``initialization``: False with --no-initialization (the weights must come from a checkpoint)."""
@@ -30,7 +38,7 @@ class ModelConfig:
     hidden_size: int
     ffn_hidden_size: int
     num_attention_heads: int
-    kv_channels: int | None
+    kv_channels: int
     num_query_groups: int
     seq_length: int
     max_position_embeddings: int
@@ -55,33 +63,33 @@ class ModelConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the model flags."""
     group = parser.add_argument_group("model")
-    group.add_argument("--num-layers", type=int, default=None, help="required (unless --mm-model)")
-    group.add_argument("--hidden-size", type=int, default=None, help="required (unless --mm-model)")
-    group.add_argument("--ffn-hidden-size", type=int, default=None,
+    group.add_argument("--num-layers", type=positive_int, default=None, help="required (unless --mm-model)")
+    group.add_argument("--hidden-size", type=positive_int, default=None, help="required (unless --mm-model)")
+    group.add_argument("--ffn-hidden-size", type=positive_int, default=None,
                        help="default 4*hidden, or 8/3*hidden rounded up to 64 with --swiglu")
-    group.add_argument("--num-attention-heads", type=int, default=None, help="required (unless --mm-model)")
-    group.add_argument("--kv-channels", type=int, default=None)
+    group.add_argument("--num-attention-heads", type=positive_int, default=None, help="required (unless --mm-model)")
+    group.add_argument("--kv-channels", type=positive_int, default=None)
     group.add_argument("--group-query-attention", action="store_true")
-    group.add_argument("--num-query-groups", type=int, default=1)
-    group.add_argument("--seq-length", type=int, default=None, help="required")
-    group.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
+    group.add_argument("--num-query-groups", type=positive_int, default=1)
+    group.add_argument("--seq-length", type=positive_int, default=None, help="required")
+    group.add_argument("--max-position-embeddings", type=positive_int, default=None, help="default: --seq-length")
     group.add_argument("--position-embedding-type", default="learned_absolute",
                        choices=["learned_absolute", "rope", "none"])
     group.add_argument("--use-rotary-position-embeddings", action="store_true",
                        help="Megatron's older spelling of --position-embedding-type rope")
-    group.add_argument("--rotary-base", type=int, default=10000)
-    group.add_argument("--rotary-percent", type=float, default=1.0)
+    group.add_argument("--rotary-base", type=positive_int, default=10000)
+    group.add_argument("--rotary-percent", type=ranged(float, 0, 1, above=True), default=1.0)
     group.add_argument("--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"])
-    group.add_argument("--norm-epsilon", type=float, default=1e-5)
+    group.add_argument("--norm-epsilon", type=positive, default=1e-5)
     group.add_argument("--swiglu", action="store_true")
     group.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     group.add_argument("--disable-bias-linear", action="store_true")
     group.add_argument("--add-qkv-bias", action="store_true")
-    group.add_argument("--init-method-std", type=float, default=0.02)
-    group.add_argument("--hidden-dropout", type=float, default=0.1)
-    group.add_argument("--attention-dropout", type=float, default=0.1)
-    group.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    group.add_argument("--padded-vocab-size", type=int, default=None,
+    group.add_argument("--init-method-std", type=non_negative, default=0.02)
+    group.add_argument("--hidden-dropout", type=probability_below_one, default=0.1)
+    group.add_argument("--attention-dropout", type=probability_below_one, default=0.1)
+    group.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=128)
+    group.add_argument("--padded-vocab-size", type=positive_int, default=None,
                        help="the model's vocabulary (default: the tokenizer's, padded to a multiple of "
                             "--make-vocab-size-divisible-by x TP)")
     group.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"],
@@ -100,7 +108,6 @@ def check_required(args: argparse.Namespace) -> None:
     missing = [flag(name) for name in (*needed, "seq_length") if vars(args)[name] is None]
     if missing:
         raise ConfigError(f"the following arguments are required: {', '.join(missing)}")
-    check_positive(args, *needed, "seq_length")
 
 
 def uses_transformer_engine(args: argparse.Namespace) -> bool:
@@ -109,12 +116,14 @@ def uses_transformer_engine(args: argparse.Namespace) -> bool:
 
 
 def fill_defaults(args: argparse.Namespace) -> None:
-    """Megatron's derived defaults: FFN width, max positions, query groups = heads without GQA, rope for
-    --use-rotary-position-embeddings."""
+    """Megatron's derived defaults: FFN width, channels per head, max positions, query groups = heads
+    without GQA, rope for --use-rotary-position-embeddings."""
     if args.use_rotary_position_embeddings:
         args.position_embedding_type = "rope"
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = _swiglu_ffn_default(args.hidden_size) if args.swiglu else 4 * args.hidden_size
+    if args.kv_channels is None:
+        args.kv_channels = args.hidden_size // args.num_attention_heads
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if not args.group_query_attention:
@@ -132,7 +141,6 @@ def check(args: argparse.Namespace) -> None:
     if args.seq_length > args.max_position_embeddings and args.position_embedding_type == "learned_absolute":
         raise ConfigError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
                           f"{args.max_position_embeddings}")
-    check_positive(args, "padded_vocab_size")
     if args.padded_vocab_size is not None and args.padded_vocab_size % args.tensor_model_parallel_size:
         raise ConfigError(f"--padded-vocab-size {args.padded_vocab_size} is not divisible by TP "
                           f"{args.tensor_model_parallel_size}")

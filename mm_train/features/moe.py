@@ -27,7 +27,7 @@ import torch
 from megatron.core import parallel_state
 
 from mm_train.errors import ConfigError
-from mm_train.features import fields_from, flag
+from mm_train.features import fields_from, flag, non_negative, positive, positive_int
 
 _LOCAL_EXPERT = re.compile(r"experts\.local_experts\.(\d+)\.")
 _GROUPED_WEIGHT = re.compile(r"experts\.weight([12])$")
@@ -116,29 +116,29 @@ def layer_freq(text: str) -> int | list[int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """MoE flags with Megatron's names and defaults (MindSpeed-MM's MOE_ARGS)."""
     group = parser.add_argument_group("mixture of experts")
-    group.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer (every layer)")
-    group.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="default: --ffn-hidden-size")
-    group.add_argument("--moe-router-topk", type=int, default=2)
+    group.add_argument("--num-experts", type=positive_int, default=None, help="experts per MoE layer (every layer)")
+    group.add_argument("--moe-ffn-hidden-size", type=positive_int, default=None, help="default: --ffn-hidden-size")
+    group.add_argument("--moe-router-topk", type=positive_int, default=2)
     group.add_argument("--moe-router-load-balancing-type", default="aux_loss",
                        choices=["aux_loss", "seq_aux_loss", "none"])
     group.add_argument("--seq-aux", action="store_true", help="MindSpeed-LLM's name for seq_aux_loss balancing")
-    group.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
-    group.add_argument("--moe-router-topk-scaling-factor", type=float, default=None,
+    group.add_argument("--moe-aux-loss-coeff", type=non_negative, default=0.0)
+    group.add_argument("--moe-router-topk-scaling-factor", type=positive, default=None,
                        help="multiplies the routing weights of the top-k experts")
-    group.add_argument("--moe-router-num-groups", type=int, default=None,
+    group.add_argument("--moe-router-num-groups", type=positive_int, default=None,
                        help="group-limited routing: experts in this many groups")
-    group.add_argument("--moe-router-group-topk", type=int, default=None,
+    group.add_argument("--moe-router-group-topk", type=positive_int, default=None,
                        help="group-limited routing: top-k experts only from this many best groups")
     group.add_argument("--moe-layer-freq", type=layer_freq, default=1,
                        help="every N-th layer is MoE, or a list of 0/1 per layer such as [0]*1+[1]*3")
     group.add_argument("--first-k-dense-replace", type=int, default=None,
                        help="MindSpeed-LLM: layer i is MoE when i >= K and i %% --moe-layer-freq == 0")
-    group.add_argument("--n-shared-experts", type=int, default=None,
+    group.add_argument("--n-shared-experts", type=positive_int, default=None,
                        help="shared experts of width N x --moe-ffn-hidden-size (unless "
                             "--moe-shared-expert-intermediate-size)")
-    group.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
+    group.add_argument("--moe-shared-expert-intermediate-size", type=positive_int, default=None,
                        help="FFN width of the shared experts")
-    group.add_argument("--expert-model-parallel-size", type=int, default=1)
+    group.add_argument("--expert-model-parallel-size", type=positive_int, default=1)
     group.add_argument("--moe-token-dispatcher-type", default="allgather",
                        choices=["allgather", "alltoall", "alltoall_seq"],
                        help="alltoall_seq (Megatron 0.12) runs megatron-core's alltoall")
@@ -146,7 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="mm_kernels permute/unpermute in the alltoall dispatcher")
     group.add_argument("--moe-grouped-gemm", action="store_true",
                        help="all local experts in one grouped GEMM (megatron's GroupedMLP; needs --bf16)")
-    group.add_argument("--moe-expert-capacity-factor", type=float, default=None,
+    group.add_argument("--moe-expert-capacity-factor", type=positive, default=None,
                        help="drop tokens beyond capacity = factor x tokens x topk / experts")
     group.add_argument("--moe-pad-expert-input-to-capacity", action="store_true",
                        help="pad every expert's input to its capacity (needs --moe-expert-capacity-factor)")
@@ -161,11 +161,9 @@ def check(args: argparse.Namespace, tp_cp_dp_size: int) -> None:
                 raise ConfigError(f"{flag(name)} needs --num-experts")
         return
     experts, topk, ep = args.num_experts, args.moe_router_topk, args.expert_model_parallel_size
-    if experts < 1:
-        raise ConfigError(f"--num-experts {experts} must be >= 1")
     if not 1 <= topk <= experts:
         raise ConfigError(f"--moe-router-topk {topk} must be in [1, --num-experts {experts}]")
-    if ep < 1 or experts % ep:
+    if experts % ep:
         raise ConfigError(f"--num-experts {experts} is not divisible by --expert-model-parallel-size {ep}")
     if tp_cp_dp_size % ep:
         raise ConfigError(f"--expert-model-parallel-size {ep} does not divide TP x CP x DP = {tp_cp_dp_size}")
@@ -181,17 +179,13 @@ def check(args: argparse.Namespace, tp_cp_dp_size: int) -> None:
     if args.moe_permute_fusion and _dispatcher(args) != "alltoall":
         raise ConfigError("--moe-permute-fusion needs --moe-token-dispatcher-type alltoall "
                           f"(got {args.moe_token_dispatcher_type})")
-    if args.moe_aux_loss_coeff < 0:
-        raise ConfigError(f"--moe-aux-loss-coeff {args.moe_aux_loss_coeff} must be >= 0")
-    factor = args.moe_expert_capacity_factor
-    if factor is not None and factor <= 0:
-        raise ConfigError(f"--moe-expert-capacity-factor {factor} must be > 0")
-    if args.moe_pad_expert_input_to_capacity and factor is None:
+    if args.moe_pad_expert_input_to_capacity and args.moe_expert_capacity_factor is None:
         raise ConfigError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
     if args.moe_grouped_gemm and not args.bf16:
         raise ConfigError("--moe-grouped-gemm needs --bf16 (megatron-core's GroupedMLP runs bf16 only)")
-    if args.moe_grouped_gemm and not args.disable_bias_linear:
-        raise ConfigError("--moe-grouped-gemm needs --disable-bias-linear (GroupedMLP has no biases)")
+    if not args.disable_bias_linear:
+        raise ConfigError("--num-experts needs --disable-bias-linear: megatron-core's local expert MLPs cannot "
+                          "train their linear biases (an in-place add on a tensor-parallel output fails)")
     if args.variable_seq_lengths and args.moe_token_dispatcher_type == "allgather":
         raise ConfigError("--variable-seq-lengths with --num-experts needs --moe-token-dispatcher-type alltoall")
     _check_layer_pattern(args)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from mm_train.errors import ConfigError
-from mm_train.features import check_positive, fields_from
+from mm_train.features import fields_from, non_negative_int, positive_int
 from mm_train.launch import Launch, int_env
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
@@ -47,23 +47,23 @@ class ParallelConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the TP/PP/SP sizes, the DDP options and the process-group flags."""
     group = parser.add_argument_group("parallelism")
-    group.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    group.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    group.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
+    group.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
     group.add_argument("--sequence-parallel", action="store_true")
     group.add_argument("--use-distributed-optimizer", action="store_true")
     group.add_argument("--overlap-grad-reduce", action="store_true")
     group.add_argument("--overlap-param-gather", action="store_true")
-    group.add_argument("--ddp-bucket-size", type=int, default=None,
+    group.add_argument("--ddp-bucket-size", type=positive_int, default=None,
                        help="gradient bucket size in elements (default: megatron-core's)")
-    group.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+    group.add_argument("--num-layers-per-virtual-pipeline-stage", type=positive_int, default=None,
                        help="interleaved pipeline schedule: layers per virtual stage (Megatron)")
-    group.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None,
+    group.add_argument("--virtual-pipeline-model-parallel-size", type=positive_int, default=None,
                        help="interleaved pipeline schedule: virtual stages per pipeline rank (MindSpeed-MM)")
     group.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo", "hccl"],
                        help="default: hccl on NPU, nccl on CUDA, gloo on CPU; nccl means hccl on NPU and gloo "
                             "without an accelerator")
-    group.add_argument("--distributed-timeout-minutes", type=int, default=10)
-    group.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+    group.add_argument("--distributed-timeout-minutes", type=positive_int, default=10)
+    group.add_argument("--local-rank", "--local_rank", dest="local_rank", type=non_negative_int, default=None,
                        help="set by python -m torch.distributed.launch; LOCAL_RANK wins when set")
 
 
@@ -71,9 +71,6 @@ def check_layout(args: argparse.Namespace, world_size: int) -> int:
     """The TP x PP x CP layout against the world size and the model's layers and heads; returns the
     data-parallel size."""
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
-    if tp < 1 or pp < 1 or cp < 1:
-        raise ConfigError("--tensor-model-parallel-size, --pipeline-model-parallel-size and "
-                          "--context-parallel-size must be >= 1")
     if world_size % (tp * pp * cp):
         raise ConfigError(f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp}")
     if args.num_layers % pp:
@@ -89,7 +86,7 @@ def fill_defaults(args: argparse.Namespace) -> None:
     if args.tensor_model_parallel_size == 1:
         args.sequence_parallel = False
     per_stage = args.num_layers_per_virtual_pipeline_stage
-    if per_stage is not None and args.virtual_pipeline_model_parallel_size is None and per_stage >= 1:
+    if per_stage is not None and args.virtual_pipeline_model_parallel_size is None:
         per_rank = args.num_layers // args.pipeline_model_parallel_size
         if per_rank % per_stage:
             raise ConfigError(f"--num-layers-per-virtual-pipeline-stage {per_stage} does not divide the "
@@ -112,7 +109,6 @@ def check(args: argparse.Namespace) -> None:
 
 
 def _check_virtual_pipeline(args: argparse.Namespace) -> None:
-    check_positive(args, "num_layers_per_virtual_pipeline_stage", "virtual_pipeline_model_parallel_size")
     vpp, pp = args.virtual_pipeline_model_parallel_size, args.pipeline_model_parallel_size
     if vpp is None:
         return

@@ -8,7 +8,7 @@ import argparse
 from dataclasses import dataclass
 
 from mm_train.errors import ConfigError
-from mm_train.features import fields_from
+from mm_train.features import fields_from, positive_int
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("recompute")
     group.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
     group.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
-    group.add_argument("--recompute-num-layers", type=int, default=None)
+    group.add_argument("--recompute-num-layers", type=positive_int, default=None)
     group.add_argument("--distribute-saved-activations", action="store_true")
 
 

@@ -8,7 +8,7 @@ import argparse
 from dataclasses import dataclass
 
 from mm_train.errors import ConfigError
-from mm_train.features import check_positive, fields_from
+from mm_train.features import fields_from, non_negative_int, positive_int, ranged
 
 
 @dataclass(frozen=True)
@@ -30,16 +30,16 @@ class TrainingConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds batch sizes, iterations, seed, evaluation cadence and the loss-mode flags."""
     group = parser.add_argument_group("training")
-    group.add_argument("--micro-batch-size", type=int, default=1)
-    group.add_argument("--global-batch-size", type=int, default=None,
+    group.add_argument("--micro-batch-size", type=positive_int, default=1)
+    group.add_argument("--global-batch-size", type=positive_int, default=None,
                        help="default: micro batch size x data-parallel size")
-    group.add_argument("--train-iters", type=int, default=100)
-    group.add_argument("--exit-interval", type=int, default=None)
-    group.add_argument("--seed", type=int, default=1234)
+    group.add_argument("--train-iters", type=positive_int, default=100)
+    group.add_argument("--exit-interval", type=positive_int, default=None)
+    group.add_argument("--seed", type=ranged(int, 0, 2**31 - 1), default=1234)
     group.add_argument("--calculate-per-sample-loss", action="store_true")
     group.add_argument("--calculate-per-token-loss", action="store_true")
-    group.add_argument("--eval-interval", type=int, default=1000)
-    group.add_argument("--eval-iters", type=int, default=100)
+    group.add_argument("--eval-interval", type=positive_int, default=1000)
+    group.add_argument("--eval-iters", type=non_negative_int, default=100)
 
 
 def fill_defaults(args: argparse.Namespace, data_parallel_size: int) -> None:
@@ -49,8 +49,7 @@ def fill_defaults(args: argparse.Namespace, data_parallel_size: int) -> None:
 
 
 def check(args: argparse.Namespace, data_parallel_size: int) -> None:
-    """Batch sizes that do not divide over the data-parallel ranks, both loss modes, bad counts."""
-    check_positive(args, "micro_batch_size", "train_iters", "eval_interval", "exit_interval")
+    """Batch sizes that do not divide over the data-parallel ranks, both loss modes."""
     if args.global_batch_size % (args.micro_batch_size * data_parallel_size):
         raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by micro batch size x "
                           f"data-parallel size = {args.micro_batch_size} x {data_parallel_size}")
