@@ -110,6 +110,7 @@ GPT_ARGS="
     --clip-grad 1.0 \
     --adam-beta1 0.9 \
     --adam-beta2 0.95 \
+    --initial-loss-scale 65536 \
     --vocab-size 512 \
     --padded-vocab-size 512 \
     --rotary-base 10000 \

@@ -87,6 +87,7 @@ GPT_ARGS="
     --weight-decay 0.1 \
     --clip-grad 1.0 \
     --adam-beta1 0.9 \
+    --initial-loss-scale 4096.0 \
     --adam-beta2 0.95 \
     --adam-eps 1e-5 \
     --no-gradient-accumulation-fusion \

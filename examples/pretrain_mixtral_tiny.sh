@@ -77,6 +77,7 @@ GPT_ARGS="
     --use-flash-attn \
     --use-fused-swiglu \
     --use-fused-rmsnorm \
+    --no-check-for-nan-in-loss-and-grad \
     --overlap-grad-reduce \
     --overlap-param-gather \
     --make-vocab-size-divisible-by 1 \

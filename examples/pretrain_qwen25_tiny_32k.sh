@@ -77,6 +77,7 @@ GPT_ARGS="
     --clip-grad 1.0 \
     --adam-beta1 0.9 \
     --adam-beta2 0.95 \
+    --initial-loss-scale 4096 \
     --no-gradient-accumulation-fusion \
     --no-masked-softmax-fusion \
     --attention-softmax-in-fp32 \

@@ -38,7 +38,7 @@ from tests.train_runner import TINY, losses, rel_close, run_train, start_train
 ONE_PROCESS = Launch(rank=0, world_size=1, local_rank=0, device_type="cpu")
 MARKER = "latest_checkpointed_iteration.txt"
 LEARNING_RATE = re.compile(r"\| learning rate: ([0-9.E+\-]+) \|")
-ITERATION = re.compile(r"^ iteration +(\d+)/")
+ITERATION = re.compile(r"^ \[[^]]+\] iteration +(\d+)/")
 
 
 def run_config(flags: list[str]):

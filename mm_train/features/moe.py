@@ -27,7 +27,7 @@ import torch
 from megatron.core import parallel_state
 
 from mm_train.errors import ConfigError
-from mm_train.features import fields_from, flag, non_negative, positive, positive_int
+from mm_train.features import fields_from, flag, non_negative, positive, positive_int, ranged
 
 _LOCAL_EXPERT = re.compile(r"experts\.local_experts\.(\d+)\.")
 _GROUPED_WEIGHT = re.compile(r"experts\.weight([12])$")
@@ -131,7 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="group-limited routing: top-k experts only from this many best groups")
     group.add_argument("--moe-layer-freq", type=layer_freq, default=1,
                        help="every N-th layer is MoE, or a list of 0/1 per layer such as [0]*1+[1]*3")
-    group.add_argument("--first-k-dense-replace", type=int, default=None,
+    group.add_argument("--first-k-dense-replace", type=ranged(int, -1), default=None,
                        help="MindSpeed-LLM: layer i is MoE when i >= K and i %% --moe-layer-freq == 0")
     group.add_argument("--n-shared-experts", type=positive_int, default=None,
                        help="shared experts of width N x --moe-ffn-hidden-size (unless "
