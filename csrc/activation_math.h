@@ -3,21 +3,28 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #include "dtype_convert.h"
 
 namespace mmk {
 
-// exp(x) for x <= 0, within 2 ulp of expf down to -87; smaller x give exp(-87) (~1.6e-38, the
-// smallest result kept a normal float).
-inline float exp_nonpositive_f32(float x) {
+// exp(x) within 2 ulp of expf for x in [-87, 88]; below -87 (and -inf) it is 0, above 88.72 (and
+// +inf) it is +inf, in between it is exp(88) (so that 2^n stays a normal float).
+inline float exp_f32(float x) {
   constexpr float kMin = -87.0f;
+  constexpr float kMax = 88.0f;
+  constexpr float kOverflow = 88.72f;
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;
   constexpr float kLn2Lo = -2.12194440e-4f;
   // Adding 1.5 * 2^23 rounds to an integer held in the low mantissa bits.
   constexpr float kRoundMagic = 12582912.0f;
-  x = x < kMin ? kMin : x;  // a comparison, not fmaxf: NaN must pass through
+  const bool underflows = x < kMin;
+  const bool overflows = x > kOverflow;
+  // Comparisons, not fminf/fmaxf: NaN must pass through.
+  x = x < kMin ? kMin : x;
+  x = x > kMax ? kMax : x;
   const float shifted = x * kLog2e + kRoundMagic;
   const float n = shifted - kRoundMagic;
   // n + 127 in the exponent field is 2^n (unsigned arithmetic: no overflow even for NaN).
@@ -31,15 +38,11 @@ inline float exp_nonpositive_f32(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  return p * bits_to_float(scale_bits);
+  const float e = p * bits_to_float(scale_bits);
+  return underflows ? 0.0f : overflows ? std::numeric_limits<float>::infinity() : e;
 }
 
-// 1 / (1 + exp(-x)), from e = exp(-|x|) so that exp never overflows:
-// 1 / (1 + e) for x >= 0, e / (1 + e) below.
-inline float sigmoid_f32(float x) {
-  const float e = exp_nonpositive_f32(bits_to_float(float_to_bits(x) | 0x80000000u));
-  const float r = 1.0f / (1.0f + e);
-  return x >= 0.0f ? r : e * r;
-}
+// 1 / (1 + exp(-x)), as torch computes it: sigmoid(-inf) = 0, so silu(-inf) = -inf * 0 is NaN.
+inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
 
 }  // namespace mmk

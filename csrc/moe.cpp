@@ -3,8 +3,8 @@
 // Index form (slots): indices [T, K] names the expert of slot s = t * K + k. A stable counting
 // sort over experts gives every slot its output row, sorted_indices[s] (expert-major, ascending
 // slot within an expert); rows >= num_rows are dropped.
-//   moe_permute:       permuted[sorted_indices[s]] = tokens[s / K]            (row order writes)
-//   moe_unpermute:     out[t] = sum_k permuted[sorted_indices[t*K+k]] * probs[t, k]  (kept slots)
+//   moe_permute_fwd:   permuted[sorted_indices[s]] = tokens[s / K]            (row order writes)
+//   moe_unpermute_fwd: out[t] = sum_k permuted[sorted_indices[t*K+k]] * probs[t, k]  (kept slots)
 //   moe_unpermute_bwd: dpermuted[row of s] = dout[t] * probs[s], dprobs[s] = <permuted[row], dout[t]>
 // Row form (Megatron's routing map): row r of the permuted tensor holds token row_token[r].
 //   moe_sort_routing_map: row_slot[r] = t * E + e, expert-major, ascending token in an expert;
@@ -26,15 +26,12 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#include "dispatch_types.h"
 #include "huge_page_alloc.h"
 #include "dtype_convert.h"
 
 namespace mmk {
 namespace {
-
-#define MMK_DISPATCH_MOE_TYPES(TYPE, NAME, ...)                                            \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 // Rows per parallel task: about this many elements.
 constexpr int64_t kMinElemsPerTask = 32768;
@@ -230,9 +227,9 @@ void gather_rows(const T* src, const int64_t* row_token, int64_t rows, int64_t h
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> moe_permute(const at::Tensor& tokens_in, const at::Tensor& indices_in,
+std::tuple<at::Tensor, at::Tensor> moe_permute_fwd(const at::Tensor& tokens_in, const at::Tensor& indices_in,
                                                int64_t num_rows, int64_t num_experts) {
-  constexpr const char* op = "moe_permute";
+  constexpr const char* op = "moe_permute_fwd";
   check_tokens(op, "tokens", tokens_in);
   TORCH_CHECK_VALUE(indices_in.dim() == 2 && indices_in.size(0) == tokens_in.size(0), "mm_kernels_cpu::", op,
                     ": indices must have shape [T, K] with T = ", tokens_in.size(0), ", got ", indices_in.sizes());
@@ -252,16 +249,16 @@ std::tuple<at::Tensor, at::Tensor> moe_permute(const at::Tensor& tokens_in, cons
   counting_sort(experts, slots, buckets, std::max<int64_t>(indices.size(1), 1), num_rows,
                 sorted.mutable_data_ptr<int32_t>(), row_token.data());
   at::Tensor permuted = empty_huge_page_advised({num_rows, hidden}, tokens.options());
-  MMK_DISPATCH_MOE_TYPES(tokens.scalar_type(), "mm_kernels_cpu::moe_permute", [&] {
+  MMK_DISPATCH_FLOAT_TYPES(tokens.scalar_type(), "mm_kernels_cpu::moe_permute_fwd", [&] {
     gather_rows(tokens.const_data_ptr<scalar_t>(), row_token.data(), num_rows, hidden,
                 permuted.mutable_data_ptr<scalar_t>());
   });
   return {permuted, sorted};
 }
 
-at::Tensor moe_unpermute(const at::Tensor& permuted_in, const at::Tensor& sorted_in,
+at::Tensor moe_unpermute_fwd(const at::Tensor& permuted_in, const at::Tensor& sorted_in,
                          const std::optional<at::Tensor>& probs_in, int64_t num_tokens) {
-  constexpr const char* op = "moe_unpermute";
+  constexpr const char* op = "moe_unpermute_fwd";
   check_tokens(op, "permuted", permuted_in);
   const at::Tensor sorted = index_as_long(op, "sorted_indices", sorted_in);
   const int64_t slots = sorted.numel();
@@ -270,7 +267,7 @@ at::Tensor moe_unpermute(const at::Tensor& permuted_in, const at::Tensor& sorted
                     " tokens");
   TORCH_CHECK_VALUE(permuted_in.size(0) <= slots, "mm_kernels_cpu::", op, ": permuted has ", permuted_in.size(0),
                     " rows, more than the ", slots, " slots of sorted_indices");
-  check_range(op, "sorted_indices", sorted.const_data_ptr<int64_t>(), slots, slots);
+  check_permutation(op, sorted.const_data_ptr<int64_t>(), slots);
   std::optional<at::Tensor> probs;
   if (probs_in) probs = weights_as_float(op, "probs", *probs_in, slots);
   const at::Tensor permuted = permuted_in.contiguous();
@@ -280,7 +277,7 @@ at::Tensor moe_unpermute(const at::Tensor& permuted_in, const at::Tensor& sorted
   at::Tensor out = empty_huge_page_advised({num_tokens, hidden}, permuted.options());
   const int64_t* row_of = sorted.const_data_ptr<int64_t>();
   const float* w = probs ? probs->const_data_ptr<float>() : nullptr;
-  MMK_DISPATCH_MOE_TYPES(permuted.scalar_type(), "mm_kernels_cpu::moe_unpermute", [&] {
+  MMK_DISPATCH_FLOAT_TYPES(permuted.scalar_type(), "mm_kernels_cpu::moe_unpermute_fwd", [&] {
     sum_rows_per_token(permuted.const_data_ptr<scalar_t>(), rows, hidden, num_tokens,
                        row_grain(hidden * std::max<int64_t>(topk, 1)), out.mutable_data_ptr<scalar_t>(),
                        [&](int64_t t) { return std::pair{t * topk, (t + 1) * topk}; },
@@ -316,13 +313,13 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_bwd(const at::Tensor& dout_in, 
   const int64_t* row_of = sorted.const_data_ptr<int64_t>();
   const float* w = probs ? probs->const_data_ptr<float>() : nullptr;
   float* dw = probs ? dprobs.mutable_data_ptr<float>() : nullptr;
-  MMK_DISPATCH_MOE_TYPES(permuted.scalar_type(), "mm_kernels_cpu::moe_unpermute_bwd", [&] {
+  MMK_DISPATCH_FLOAT_TYPES(permuted.scalar_type(), "mm_kernels_cpu::moe_unpermute_bwd", [&] {
     scale_dot_pairs(dout.const_data_ptr<scalar_t>(), permuted.const_data_ptr<scalar_t>(), slots, rows, hidden,
                     dpermuted.mutable_data_ptr<scalar_t>(), dw,
                     [&](int64_t s) { return Pair{row_of[s], s / topk, w ? w[s] : 1.0f}; });
   });
   if (probs_in) return {dpermuted, dprobs.to(probs_in->scalar_type()).view(probs_in->sizes())};
-  return {dpermuted, dprobs};
+  return {dpermuted, at::empty({0}, permuted.options())};
 }
 
 // ---- row form (routing map) ---------------------------------------------------------------
@@ -368,10 +365,10 @@ at::Tensor moe_gather(const at::Tensor& src_in, const at::Tensor& row_token_in) 
   constexpr const char* op = "moe_gather";
   check_tokens(op, "src", src_in);
   const at::Tensor row_token = index_as_long(op, "row_token", row_token_in);
-  check_range(op, "row_token", row_token.const_data_ptr<int64_t>(), row_token.numel(), src_in.size(0));
+  check_range(op, "sorted_indices (token rows)", row_token.const_data_ptr<int64_t>(), row_token.numel(), src_in.size(0));
   const at::Tensor src = src_in.contiguous();
   at::Tensor out = empty_huge_page_advised({row_token.numel(), src.size(1)}, src.options());
-  MMK_DISPATCH_MOE_TYPES(src.scalar_type(), "mm_kernels_cpu::moe_gather", [&] {
+  MMK_DISPATCH_FLOAT_TYPES(src.scalar_type(), "mm_kernels_cpu::moe_gather", [&] {
     gather_rows(src.const_data_ptr<scalar_t>(), row_token.const_data_ptr<int64_t>(), row_token.numel(), src.size(1),
                 out.mutable_data_ptr<scalar_t>());
   });
@@ -388,7 +385,7 @@ at::Tensor moe_combine(const at::Tensor& src_in, const at::Tensor& row_token_in,
                     " elements (the rows of src), got ", row_token.numel());
   TORCH_CHECK_VALUE(num_tokens >= 0, "mm_kernels_cpu::", op, ": num_tokens must be >= 0, got ", num_tokens);
   const int64_t* token_of = row_token.const_data_ptr<int64_t>();
-  check_range(op, "row_token", token_of, rows, num_tokens);
+  check_range(op, "sorted_indices (token rows)", token_of, rows, num_tokens);
   std::optional<at::Tensor> weight;
   if (weight_in) weight = weights_as_float(op, "row_weight", *weight_in, rows);
   // Rows of each token, ascending (counting sort by token): first[t] .. first[t + 1] in order.
@@ -404,7 +401,7 @@ at::Tensor moe_combine(const at::Tensor& src_in, const at::Tensor& row_token_in,
   const int64_t hidden = src.size(1);
   at::Tensor out = empty_huge_page_advised({num_tokens, hidden}, src.options());
   const float* w = weight ? weight->const_data_ptr<float>() : nullptr;
-  MMK_DISPATCH_MOE_TYPES(src.scalar_type(), "mm_kernels_cpu::moe_combine", [&] {
+  MMK_DISPATCH_FLOAT_TYPES(src.scalar_type(), "mm_kernels_cpu::moe_combine", [&] {
     sum_rows_per_token(src.const_data_ptr<scalar_t>(), rows, hidden, num_tokens, row_grain(hidden),
                        out.mutable_data_ptr<scalar_t>(), [&](int64_t t) { return std::pair{first[t], first[t + 1]}; },
                        [&](int64_t j) { return std::pair{order[j], w ? w[order[j]] : 1.0f}; });
@@ -424,7 +421,7 @@ std::tuple<at::Tensor, at::Tensor> moe_combine_bwd(const at::Tensor& dout_in, co
   TORCH_CHECK_VALUE(row_token.numel() == rows, "mm_kernels_cpu::", op, ": row_token must have ", rows,
                     " elements (the rows of src), got ", row_token.numel());
   const int64_t* token_of = row_token.const_data_ptr<int64_t>();
-  check_range(op, "row_token", token_of, rows, dout_in.size(0));
+  check_range(op, "sorted_indices (token rows)", token_of, rows, dout_in.size(0));
   std::optional<at::Tensor> weight;
   if (weight_in) weight = weights_as_float(op, "row_weight", *weight_in, rows);
   const at::Tensor src = src_in.contiguous();
@@ -434,21 +431,21 @@ std::tuple<at::Tensor, at::Tensor> moe_combine_bwd(const at::Tensor& dout_in, co
   at::Tensor dweight = at::empty({weight ? rows : 0}, at::kFloat);
   const float* w = weight ? weight->const_data_ptr<float>() : nullptr;
   float* dw = weight ? dweight.mutable_data_ptr<float>() : nullptr;
-  MMK_DISPATCH_MOE_TYPES(src.scalar_type(), "mm_kernels_cpu::moe_combine_bwd", [&] {
+  MMK_DISPATCH_FLOAT_TYPES(src.scalar_type(), "mm_kernels_cpu::moe_combine_bwd", [&] {
     scale_dot_pairs(dout.const_data_ptr<scalar_t>(), src.const_data_ptr<scalar_t>(), rows, rows, hidden,
                     dsrc.mutable_data_ptr<scalar_t>(), dw,
                     [&](int64_t r) { return Pair{r, token_of[r], w ? w[r] : 1.0f}; });
   });
   if (weight_in) return {dsrc, dweight.to(weight_in->scalar_type())};
-  return {dsrc, dweight};
+  return {dsrc, at::empty({0}, src.options())};
 }
 
 }  // namespace
 }  // namespace mmk
 
 TORCH_LIBRARY_FRAGMENT(mm_kernels_cpu, m) {
-  m.def("moe_permute(Tensor tokens, Tensor indices, int num_rows, int num_experts) -> (Tensor, Tensor)");
-  m.def("moe_unpermute(Tensor permuted, Tensor sorted_indices, Tensor? probs, int num_tokens) -> Tensor");
+  m.def("moe_permute_fwd(Tensor tokens, Tensor indices, int num_rows, int num_experts) -> (Tensor, Tensor)");
+  m.def("moe_unpermute_fwd(Tensor permuted, Tensor sorted_indices, Tensor? probs, int num_tokens) -> Tensor");
   m.def("moe_unpermute_bwd(Tensor dout, Tensor permuted, Tensor sorted_indices, Tensor? probs) -> (Tensor, Tensor)");
   m.def("moe_sort_routing_map(Tensor routing_map, int capacity) -> Tensor");
   m.def("moe_gather(Tensor src, Tensor row_token) -> Tensor");
@@ -456,12 +453,22 @@ TORCH_LIBRARY_FRAGMENT(mm_kernels_cpu, m) {
   m.def("moe_combine_bwd(Tensor dout, Tensor src, Tensor row_token, Tensor? row_weight) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(mm_kernels_cpu, CPU, m) {
-  m.impl("moe_permute", &mmk::moe_permute);
-  m.impl("moe_unpermute", &mmk::moe_unpermute);
+// Registers the kernels into the library m: the operators of mm_kernels_cpu (defined above) and the
+// CPU kernels of the mm_kernels operators (defined by mm_kernels.contract) share names.
+namespace {
+
+void register_moe_kernels(torch::Library& m) {
+  m.impl("moe_permute_fwd", &mmk::moe_permute_fwd);
+  m.impl("moe_unpermute_fwd", &mmk::moe_unpermute_fwd);
   m.impl("moe_unpermute_bwd", &mmk::moe_unpermute_bwd);
   m.impl("moe_sort_routing_map", &mmk::moe_sort_routing_map);
   m.impl("moe_gather", &mmk::moe_gather);
   m.impl("moe_combine", &mmk::moe_combine);
   m.impl("moe_combine_bwd", &mmk::moe_combine_bwd);
 }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mm_kernels_cpu, CPU, m) { register_moe_kernels(m); }
+
+TORCH_LIBRARY_IMPL(mm_kernels, CPU, m) { register_moe_kernels(m); }

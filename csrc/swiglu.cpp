@@ -5,51 +5,67 @@
 //     [outer, 2, n] (n = half size * the sizes after dim), a = x[:, 0], b = x[:, 1], y is [outer, n].
 //   swiglu_pair_fwd(gate, up): a = gate, b = up, one row of numel elements.
 // The work is cut into tiles (one row, up to kTileElems columns) run by at::parallel_for; each
-// tile is a contiguous span handled by an MMK_VECTORIZED loop. The backward recomputes silu from
-// the input: da = dy * b * s * (1 + a * (1 - s)), db = dy * a * s with s = sigmoid(a).
+// tile is a contiguous span handled by an MMK_VECTORIZED loop. Outputs larger than the caches are
+// computed into an L1 buffer per tile and written with non-temporal stores (stream_store.h). The
+// backward recomputes silu from the input: da = dy * b * s * (1 + a * (1 - s)), db = dy * a * s
+// with s = sigmoid(a).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
+#include "avx512_bf16.h"
 #include "activation_math.h"
 #include "cpu_dispatch.h"
+#include "dispatch_types.h"
 #include "dtype_convert.h"
 #include "huge_page_alloc.h"
+#include "stream_store.h"
 
 namespace mmk {
 namespace {
 
-// AT_DISPATCH over the dtypes the kernels take: float, bfloat16, half.
-#define MMK_DISPATCH_SWIGLU_TYPES(TYPE, NAME, ...)                                          \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                 \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
-
-constexpr int64_t kTileElems = 8192;
+// Columns per tile: two fp32 output buffers of a tile (32 KiB) stay in L1.
+constexpr int64_t kTileElems = 4096;
 constexpr int64_t kMinElemsPerTask = 32768;
+
+// Elements the loops prefetch ahead in each input, one cache line of them at a time.
+constexpr int64_t kPrefetchElems = 1024;
+
+// Runs one(i) for i in [0, n), prefetching kPrefetchElems ahead in each of `inputs`.
+template <typename T, typename One, typename... Inputs>
+inline __attribute__((always_inline)) void prefetched_loop(int64_t n, const One& one, const Inputs*... inputs) {
+  constexpr int64_t line = 64 / static_cast<int64_t>(sizeof(T));
+  int64_t i = 0;
+  for (; i + line <= n; i += line) {
+    (__builtin_prefetch(inputs + i + kPrefetchElems), ...);
+    for (int64_t j = 0; j < line; ++j) one(i + j);
+  }
+  for (; i < n; ++i) one(i);
+}
 
 template <typename T>
 inline __attribute__((always_inline)) void fwd_span(const T* __restrict__ a, const T* __restrict__ b,
                                                      T* __restrict__ y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
+  prefetched_loop<T>(n, [&](int64_t i) {
     const float av = load_f32(a[i]);
     y[i] = store_as<T>(av * sigmoid_f32(av) * load_f32(b[i]));
-  }
+  }, a, b);
 }
 
 template <typename T>
 inline __attribute__((always_inline)) void bwd_span(const T* __restrict__ dy, const T* __restrict__ a,
                                                      const T* __restrict__ b, T* __restrict__ da,
                                                      T* __restrict__ db, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
+  prefetched_loop<T>(n, [&](int64_t i) {
     const float av = load_f32(a[i]);
     const float g = load_f32(dy[i]);
     const float s = sigmoid_f32(av);
     const float silu = av * s;
     da[i] = store_as<T>(g * load_f32(b[i]) * (s + silu * (1.0f - s)));
     db[i] = store_as<T>(g * silu);
-  }
+  }, dy, a, b);
 }
 
 // One clone set per dtype: target_clones does not apply to templates.
@@ -80,9 +96,10 @@ struct Layout {
   int64_t in_stride;
 };
 
-// Calls fn(row, column, length) for every tile of a [rows, n] layout, in parallel.
+// Calls fn(row, column, length) for every tile of a [rows, n] layout, in parallel; with `streaming`
+// each task ends with a store fence.
 template <typename Fn>
-void for_each_tile(const Layout& layout, const Fn& fn) {
+void for_each_tile(const Layout& layout, bool streaming, const Fn& fn) {
   if (layout.rows == 0 || layout.n == 0) return;
   const int64_t tile = std::min(layout.n, kTileElems);
   const int64_t tiles_per_row = (layout.n + tile - 1) / tile;
@@ -93,7 +110,44 @@ void for_each_tile(const Layout& layout, const Fn& fn) {
       const int64_t col = (t % tiles_per_row) * tile;
       fn(row, col, std::min(tile, layout.n - col));
     }
+    if (streaming) stream_fence();
   });
+}
+
+// compute(out) writes `len` elements of a tile: straight to dst, or with `streaming` into an L1
+// buffer that is then streamed to dst.
+template <typename T, typename Compute>
+void write_tile(T* dst, int64_t len, bool streaming, const Compute& compute) {
+  if (!streaming) return compute(dst);
+  alignas(64) T buf[kTileElems];
+  compute(buf);
+  stream_copy(dst, buf, len * sizeof(T));
+}
+
+// The same for a tile with two outputs, compute(out_a, out_b).
+template <typename T, typename Compute>
+void write_tile_pair(T* dst_a, T* dst_b, int64_t len, bool streaming, const Compute& compute) {
+  if (!streaming) return compute(dst_a, dst_b);
+  alignas(64) T buf_a[kTileElems];
+  alignas(64) T buf_b[kTileElems];
+  compute(buf_a, buf_b);
+  stream_copy(dst_a, buf_a, len * sizeof(T));
+  stream_copy(dst_b, buf_b, len * sizeof(T));
+}
+
+// The element loops of one tile, written to its outputs. The AVX-512 loops (avx512_bf16.h), where the
+// CPU has them, store straight from registers (non-temporal with `streaming`); the clones above
+// compute into an L1 buffer first when streaming (write_tile).
+template <typename T>
+void fwd_tile(const T* a, const T* b, T* y, int64_t n, bool streaming) {
+  if (avx512::supported()) return avx512::silu_mul(a, b, y, n, streaming);
+  write_tile(y, n, streaming, [&](T* out) { fwd_kernel(a, b, out, n); });
+}
+
+template <typename T>
+void bwd_tile(const T* dy, const T* a, const T* b, T* da, T* db, int64_t n, bool streaming) {
+  if (avx512::supported()) return avx512::silu_mul_bwd(dy, a, b, da, db, n, streaming);
+  write_tile_pair(da, db, n, streaming, [&](T* out_a, T* out_b) { bwd_kernel(dy, a, b, out_a, out_b, n); });
 }
 
 void check_dtype(const char* name, const at::Tensor& t) {
@@ -132,12 +186,13 @@ at::Tensor swiglu_fwd(const at::Tensor& x_in, int64_t dim) {
   const Layout layout = halves_layout(x_in, dim, &out_shape);
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = empty_huge_page_advised(out_shape, x.options());
-  MMK_DISPATCH_SWIGLU_TYPES(x.scalar_type(), "mm_kernels_cpu::swiglu_fwd", [&] {
+  const bool streaming = use_streaming_stores(y.nbytes());
+  MMK_DISPATCH_FLOAT_TYPES(x.scalar_type(), "mm_kernels_cpu::swiglu_fwd", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    for_each_tile(layout, [&](int64_t row, int64_t col, int64_t len) {
+    for_each_tile(layout, streaming, [&](int64_t row, int64_t col, int64_t len) {
       const scalar_t* a = xp + row * layout.in_stride + col;
-      fwd_kernel(a, a + layout.n, yp + row * layout.n + col, len);
+      fwd_tile(a, a + layout.n, yp + row * layout.n + col, len, streaming);
     });
   });
   return y;
@@ -151,13 +206,15 @@ at::Tensor swiglu_bwd(const at::Tensor& dy_in, const at::Tensor& x_in, int64_t d
   const at::Tensor x = x_in.contiguous();
   const at::Tensor dy = dy_in.contiguous();
   at::Tensor dx = empty_huge_page_advised(x.sizes(), x.options());
-  MMK_DISPATCH_SWIGLU_TYPES(x.scalar_type(), "mm_kernels_cpu::swiglu_bwd", [&] {
+  const bool streaming = use_streaming_stores(dx.nbytes());
+  MMK_DISPATCH_FLOAT_TYPES(x.scalar_type(), "mm_kernels_cpu::swiglu_bwd", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    for_each_tile(layout, [&](int64_t row, int64_t col, int64_t len) {
+    for_each_tile(layout, streaming, [&](int64_t row, int64_t col, int64_t len) {
       const int64_t in = row * layout.in_stride + col;
-      bwd_kernel(dyp + row * layout.n + col, xp + in, xp + in + layout.n, dxp + in, dxp + in + layout.n, len);
+      bwd_tile(dyp + row * layout.n + col, xp + in, xp + in + layout.n, dxp + in, dxp + in + layout.n, len,
+               streaming);
     });
   });
   return dx;
@@ -170,11 +227,14 @@ at::Tensor swiglu_pair_fwd(const at::Tensor& gate_in, const at::Tensor& up_in) {
   const at::Tensor up = up_in.contiguous();
   at::Tensor y = empty_huge_page_advised(gate.sizes(), gate.options());
   const Layout layout{1, gate.numel(), 0};
-  MMK_DISPATCH_SWIGLU_TYPES(gate.scalar_type(), "mm_kernels_cpu::swiglu_pair_fwd", [&] {
+  const bool streaming = use_streaming_stores(y.nbytes());
+  MMK_DISPATCH_FLOAT_TYPES(gate.scalar_type(), "mm_kernels_cpu::swiglu_pair_fwd", [&] {
     const scalar_t* ap = gate.const_data_ptr<scalar_t>();
     const scalar_t* bp = up.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    for_each_tile(layout, [&](int64_t, int64_t col, int64_t len) { fwd_kernel(ap + col, bp + col, yp + col, len); });
+    for_each_tile(layout, streaming, [&](int64_t, int64_t col, int64_t len) {
+      fwd_tile(ap + col, bp + col, yp + col, len, streaming);
+    });
   });
   return y;
 }
@@ -190,14 +250,15 @@ std::tuple<at::Tensor, at::Tensor> swiglu_pair_bwd(const at::Tensor& dy_in, cons
   at::Tensor dgate = empty_huge_page_advised(gate.sizes(), gate.options());
   at::Tensor dup = empty_huge_page_advised(gate.sizes(), gate.options());
   const Layout layout{1, gate.numel(), 0};
-  MMK_DISPATCH_SWIGLU_TYPES(gate.scalar_type(), "mm_kernels_cpu::swiglu_pair_bwd", [&] {
+  const bool streaming = use_streaming_stores(dgate.nbytes());
+  MMK_DISPATCH_FLOAT_TYPES(gate.scalar_type(), "mm_kernels_cpu::swiglu_pair_bwd", [&] {
     const scalar_t* ap = gate.const_data_ptr<scalar_t>();
     const scalar_t* bp = up.const_data_ptr<scalar_t>();
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     scalar_t* dap = dgate.mutable_data_ptr<scalar_t>();
     scalar_t* dbp = dup.mutable_data_ptr<scalar_t>();
-    for_each_tile(layout, [&](int64_t, int64_t col, int64_t len) {
-      bwd_kernel(dyp + col, ap + col, bp + col, dap + col, dbp + col, len);
+    for_each_tile(layout, streaming, [&](int64_t, int64_t col, int64_t len) {
+      bwd_tile(dyp + col, ap + col, bp + col, dap + col, dbp + col, len, streaming);
     });
   });
   return {dgate, dup};
@@ -213,9 +274,19 @@ TORCH_LIBRARY_FRAGMENT(mm_kernels_cpu, m) {
   m.def("swiglu_pair_bwd(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(mm_kernels_cpu, CPU, m) {
+// Registers the kernels into the library m: the operators of mm_kernels_cpu (defined above) and the
+// CPU kernels of the mm_kernels operators (defined by mm_kernels.contract) share names.
+namespace {
+
+void register_swiglu_kernels(torch::Library& m) {
   m.impl("swiglu_fwd", &mmk::swiglu_fwd);
   m.impl("swiglu_bwd", &mmk::swiglu_bwd);
   m.impl("swiglu_pair_fwd", &mmk::swiglu_pair_fwd);
   m.impl("swiglu_pair_bwd", &mmk::swiglu_pair_bwd);
 }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mm_kernels_cpu, CPU, m) { register_swiglu_kernels(m); }
+
+TORCH_LIBRARY_IMPL(mm_kernels, CPU, m) { register_swiglu_kernels(m); }

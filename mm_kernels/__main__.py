@@ -8,7 +8,7 @@ import platform
 import torch
 
 import mm_kernels
-from mm_kernels._extension import cpu_extension
+from mm_kernels._extension import cpu_extension, cpu_extension_error
 from mm_kernels.dispatch import backends
 
 
@@ -24,6 +24,8 @@ def info_lines() -> list[str]:
     if ext is not None:
         lines.append(f"cpu kernels: {ext.selected_isa()}, OpenMP {'on' if ext.openmp else 'off'}, "
                      f"{torch.get_num_threads()} threads")
+    else:
+        lines.append(f"cpu kernels: not loaded ({cpu_extension_error()}); CPU tensors run the reference")
     lines.append(f"torch cpu capability: {torch.backends.cpu.get_cpu_capability()}")
     try:
         import triton

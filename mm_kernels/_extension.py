@@ -1,26 +1,29 @@
-"""Loads the compiled CPU kernels (``mm_kernels._C``) once, warning once if they are missing."""
+"""Loads the compiled CPU kernels (``mm_kernels._C``) once; a missing build is reported by the dispatch."""
 
 from __future__ import annotations
 
 import functools
 import importlib
-import warnings
 from types import ModuleType
 
 
 @functools.cache
-def cpu_extension() -> ModuleType | None:
-    """The loaded ``mm_kernels._C`` module, or None (with one warning) if it cannot be loaded.
-
-    Importing it registers the C++ operators under ``torch.ops.mm_kernels_cpu``.
-    """
+def _load() -> tuple[ModuleType | None, str]:
     try:
-        return importlib.import_module("mm_kernels._C")
+        return importlib.import_module("mm_kernels._C"), ""
     except ImportError as exc:
-        warnings.warn(
-            f"mm_kernels: the compiled CPU kernels could not be loaded ({exc}); CPU tensors use the "
-            "reference PyTorch implementations. Build them with `pip install --no-build-isolation -e .`.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return None
+        return None, str(exc)
+
+
+def cpu_extension() -> ModuleType | None:
+    """The loaded ``mm_kernels._C`` module, or None when it cannot be loaded.
+
+    Loading it registers the C++ operators under ``torch.ops.mm_kernels_cpu`` and as the CPU
+    kernels of the ``torch.ops.mm_kernels`` operators.
+    """
+    return _load()[0]
+
+
+def cpu_extension_error() -> str:
+    """Why ``mm_kernels._C`` could not be loaded ("" when it was)."""
+    return _load()[1]

@@ -34,7 +34,17 @@ def cpu_backends() -> list[str]:
     return names
 
 
-def device_for(backend: str) -> torch.device:
+def backend_params(with_triton: bool = True) -> list:
+    """pytest params of the backends to test on CPU tensors: ``default`` (None: no backend forced, the
+    device's own kernel through the dispatcher), then every CPU-runnable backend (triton marked)."""
+    import pytest  # only here: benchmarks/gpu_check.py imports this module where pytest may be missing
+
+    names = [b for b in cpu_backends() if with_triton or b != "triton"]
+    return [pytest.param(None, id="default"),
+            *(pytest.param(b, marks=pytest.mark.triton) if b == "triton" else b for b in names)]
+
+
+def device_for(backend: str | None) -> torch.device:
     """Device of the test tensors for ``backend``: Triton runs on CUDA when present, else interpreted on CPU."""
     return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
 

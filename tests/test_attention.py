@@ -7,14 +7,13 @@ import torch
 
 import mm_kernels
 from mm_kernels.ops.attention import attention_bwd, attention_with_lse
-from tests.helpers import cpu_backends, relative_error
+from mm_kernels.reference import attention as reference
+from tests.helpers import backend_params, relative_error
 
 # Largest error relative to the largest fp64 reference value (Triton's interpreter truncates to bf16).
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-def _backend_params():
-    return [pytest.param(b, marks=pytest.mark.triton) if b == "triton" else b for b in cpu_backends()]
 
 
 def _inputs(batch, seq_q, seq_k, heads_q, heads_kv, dim, dtype, seed=0):
@@ -68,7 +67,7 @@ SHAPES = [  # batch, seq_q, seq_k, heads_q, heads_kv, dim
 ]
 
 
-@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -79,7 +78,7 @@ def test_matches_fp64_reference(backend, dtype, causal, shape):
     _assert_matches(_run(backend, q, k, v, dout, causal), _reference(q, k, v, dout, causal), dtype)
 
 
-@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("backend", backend_params())
 def test_non_contiguous_inputs_and_custom_scale(backend):
     q, k, v, dout = _inputs(2, 12, 12, 4, 2, 8, torch.float32)
     qn, kn, vn = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
@@ -89,7 +88,7 @@ def test_non_contiguous_inputs_and_custom_scale(backend):
     _assert_matches(_run(backend, qs, k, v, dout, False), _reference(qs, k, v, dout, False), torch.float32)
 
 
-@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("backend", backend_params())
 def test_backward_of_a_key_block_uses_the_whole_rows_lse(backend):
     """Ring attention differentiates each key block against the lse of all keys: the blocks' gradients
     must add up to the full gradient."""
@@ -104,7 +103,7 @@ def test_backward_of_a_key_block_uses_the_whole_rows_lse(backend):
     torch.testing.assert_close(torch.cat([blocks[0][2], blocks[1][2]], dim=1), full[2])
 
 
-@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("backend", backend_params())
 def test_empty_inputs(backend):
     with mm_kernels.use_backend(backend):
         q, k, v, dout = _inputs(2, 0, 5, 2, 1, 4, torch.float32)
@@ -115,6 +114,22 @@ def test_empty_inputs(backend):
         out, lse, dq, dk, dv = _run(backend, q, k, v, dout, False)
         assert torch.equal(out, torch.zeros_like(q)) and bool((lse == float("-inf")).all())
         assert torch.equal(dq, torch.zeros_like(q))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("where", ["q", "k"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_propagates_like_the_reference(backend, where, causal):
+    """A NaN in q poisons its row, a NaN in k every row that sees that key, also with fewer than 16 keys
+    (the blocks of ring attention), where ATen's CPU kernel returned a finite row. None: no forced backend."""
+    q, k, v, _ = _inputs(1, 5, 7, 2, 2, 8, torch.float32)
+    {"q": q, "k": k}[where][0, 1, 0, 3] = float("nan")
+    with mm_kernels.use_backend(backend):
+        out, lse = attention_with_lse(q, k, v, causal=causal)
+    ref_out, ref_lse = reference.attention_fwd(q.double(), k.double(), v.double(), causal, 8 ** -0.5)
+    assert ref_lse.isnan().any()
+    assert torch.equal(out.isnan(), ref_out.isnan())
+    assert torch.equal(lse.isnan(), ref_lse.isnan())
 
 
 def test_bad_inputs_raise_naming_the_argument():

@@ -7,13 +7,15 @@ import pytest
 import torch
 
 import mm_kernels
+from mm_kernels import dispatch
 from mm_kernels.ops import moe as ops
 from mm_kernels.reference import moe as reference
-from tests.helpers import DTYPES, assert_close, cpu_backends
+from tests.helpers import DTYPES, assert_close, backend_params, cpu_backends
 
 moe_utils = pytest.importorskip("megatron.core.transformer.moe.moe_utils")
 
-BACKENDS = [b for b in cpu_backends() if b != "triton"]
+BACKENDS = backend_params(with_triton=False)
+CPP_BUILT = "cpu" in cpu_backends()
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -271,7 +273,7 @@ def test_megatron_dispatcher_calls():
 # ---- determinism, compile -----------------------------------------------------------------
 
 
-@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ kernels are not built")
+@pytest.mark.skipif(not CPP_BUILT, reason="the C++ kernels are not built")
 def test_cpu_results_do_not_depend_on_thread_count():
     tokens, indices, probs, weight = _index_inputs(64, 300, 4, 8, torch.bfloat16, seed=7)
     threads = torch.get_num_threads()
@@ -322,8 +324,9 @@ def test_torch_compile_fullgraph_matches_eager(backend):
 # ---- bad input ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "triton"])
 def test_bad_index_form_input_is_refused(backend):
+    """The Python checks of a forced backend; the device's own kernel: the test below."""
     tokens = torch.randn(4, 3)
     indices = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 1]])
     with mm_kernels.use_backend(backend):
@@ -337,6 +340,8 @@ def test_bad_index_form_input_is_refused(backend):
             mm_kernels.moe_permute(tokens, indices.float())
         with pytest.raises(TypeError, match="tokens must be a floating-point"):
             mm_kernels.moe_permute(tokens.long(), indices)
+        with pytest.raises(ValueError, match=r"num_out_tokens must be >= -T\*K = -8"):
+            mm_kernels.moe_permute(tokens, indices, num_out_tokens=-9)
         permuted, sorted_indices = mm_kernels.moe_permute(tokens, indices)
         with pytest.raises(ValueError, match="probs must have shape"):
             mm_kernels.moe_unpermute(permuted, sorted_indices, torch.rand(4, 3))
@@ -369,17 +374,59 @@ def test_bad_routing_map_input_is_refused(backend):
                                    routing_map=torch.eye(4, 2, dtype=torch.bool).roll(1, 1).triu())
 
 
-@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ kernels are not built")
+def test_bad_indices_are_refused_without_a_forced_backend():
+    """The device's own kernel (C++ on CPU) checks the index values too, naming the argument."""
+    tokens = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="indices"):
+        mm_kernels.moe_permute(tokens, torch.tensor([[0, 1], [1, -1], [2, 0], [0, 1]]))
+    with pytest.raises(ValueError, match="indices"):
+        mm_kernels.moe_permute(tokens, torch.tensor([[0, 1], [1, 2], [2, 0], [0, 1]]), num_experts=2)
+    permuted, sorted_indices = mm_kernels.moe_permute(tokens, torch.tensor([[0, 1], [1, 2], [2, 0], [0, 1]]))
+    with pytest.raises(ValueError, match="permutation"):
+        mm_kernels.moe_unpermute(permuted, torch.zeros_like(sorted_indices), torch.rand(4, 2))
+    with pytest.raises(ValueError, match="sorted_indices"):
+        mm_kernels.moe_unpermute(permuted, sorted_indices + 1, torch.rand(4, 2))
+
+
+def test_accelerator_paths_never_read_values_on_the_host():
+    """On an accelerator the index checks and the reference backward must not sync with the host (so that
+    they can be captured in a CUDA graph): on meta tensors, which have no values, any host read raises."""
+    meta = torch.device("meta")
+    tokens, indices = torch.empty(6, 4, device=meta), torch.empty(6, 2, dtype=torch.int64, device=meta)
+    sorted_indices, probs = torch.empty(12, dtype=torch.int32, device=meta), torch.empty(6, 2, device=meta)
+    ops._check_permute(tokens, indices, 12, 4)
+    ops._check_unpermute(torch.empty(10, 4, device=meta), sorted_indices, probs, 6)
+    ops._check_gather(tokens, sorted_indices)
+    ops._check_combine(tokens, sorted_indices, None, 6)
+    dpermuted, dprobs = reference.unpermute_bwd(torch.empty(6, 4, device=meta), torch.empty(10, 4, device=meta),
+                                                sorted_indices, probs)
+    assert dpermuted.shape == (10, 4) and dprobs.shape == (6, 2)
+
+
+def test_debug_switch_checks_accelerator_values_on_the_host(monkeypatch):
+    """MM_KERNELS_DEBUG=1 reads index values on the host (here: meta tensors, which have none, so it raises)."""
+    monkeypatch.setenv(dispatch.DEBUG_ENV_VAR, "1")
+    dispatch.read_environment()
+    try:
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            ops._check_permute(torch.empty(6, 4, device="meta"), torch.empty(6, 2, dtype=torch.int64, device="meta"),
+                               12, 4)
+    finally:
+        monkeypatch.undo()
+        dispatch.read_environment()
+
+
+@pytest.mark.skipif(not CPP_BUILT, reason="the C++ kernels are not built")
 def test_cpu_operators_check_their_inputs():
     cpu = torch.ops.mm_kernels_cpu
     tokens = torch.randn(4, 3)
     with pytest.raises(ValueError, match=r"indices\[3\] = 5 is outside \[0, 4\)"):
-        cpu.moe_permute(tokens, torch.tensor([[0], [1], [2], [5]]), 4, 4)
+        cpu.moe_permute_fwd(tokens, torch.tensor([[0], [1], [2], [5]]), 4, 4)
     with pytest.raises(TypeError, match="indices must be int32 or int64"):
-        cpu.moe_permute(tokens, torch.zeros(4, 1), 4, 4)
+        cpu.moe_permute_fwd(tokens, torch.zeros(4, 1), 4, 4)
     with pytest.raises(ValueError, match="not a permutation"):
         cpu.moe_unpermute_bwd(tokens, tokens, torch.tensor([0, 1, 1, 2]), None)
-    with pytest.raises(ValueError, match="row_token"):
+    with pytest.raises(ValueError, match=r"sorted_indices \(token rows\)\[3\] = 9 is outside \[0, 4\)"):
         cpu.moe_combine(tokens, torch.tensor([0, 1, 2, 9]), None, 4)
 
 

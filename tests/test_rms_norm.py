@@ -12,17 +12,13 @@ import mm_kernels
 from mm_kernels.nn import FusedRMSNorm
 from mm_kernels.ops import rms_norm as rms_norm_ops
 from mm_kernels.reference import rms_norm as reference
-from tests.helpers import DTYPES, assert_close, cpu_backends, device_for
+from tests.helpers import DTYPES, assert_close, backend_params, cpu_backends, device_for
 
 EPS = 1e-6
 CASTINGS = ("llama", "gemma", "none")
 
 
-def _backend_params() -> list:
-    return [pytest.param(b, marks=pytest.mark.triton) if b == "triton" else b for b in cpu_backends()]
-
-
-BACKENDS = _backend_params()
+BACKENDS = backend_params()
 
 
 def _inputs(shape, dtype, weight_dtype=None, seed=0):
@@ -180,6 +176,23 @@ def test_fp64_runs_the_reference_on_every_backend():
             torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("hidden", [4096, 4097], ids=["aligned", "unaligned"])
+def test_cpu_outputs_larger_than_the_caches(hidden):
+    """Outputs of 8 MiB and more are written with non-temporal stores from an L1 buffer (rows of an odd
+    width start unaligned): the same values as the cached path's oracle, for fwd, bwd and the residual add."""
+    if "cpu" not in cpu_backends():
+        pytest.skip("the C++ extension is not built")
+    rows = 1024
+    x, weight, dy = _inputs((rows, hidden), torch.bfloat16)
+    assert x.nbytes >= 8 << 20
+    _check_against_oracle(_run("cpu", x, weight, dy), _oracle(x, weight, dy), torch.bfloat16, rows=rows)
+    residual = _inputs((rows, hidden), torch.bfloat16, seed=1)[0]
+    with mm_kernels.use_backend("cpu"):
+        y, _, summed = mm_kernels.add_rms_norm(x, residual, weight, EPS)
+    assert torch.equal(summed, x + residual)
+    assert_close(y, _oracle(summed, weight, dy)[0], torch.bfloat16, name="y")
+
+
 def test_weight_gradient_bits_do_not_depend_on_thread_count():
     if "cpu" not in cpu_backends():
         pytest.skip("the C++ extension is not built")
@@ -208,6 +221,13 @@ def test_triton_rows_longer_than_one_block(monkeypatch):
     with mm_kernels.use_backend("triton"):
         y, _, summed = _cpu(*mm_kernels.add_rms_norm(*(_leaf(t, "triton") for t in (x, residual, weight)), EPS))
     assert_close(y, _oracle(summed, weight, dy)[0], torch.float32, name="y")
+
+
+@pytest.mark.triton
+def test_triton_backward_programs_with_several_row_tiles():
+    """More rows than backward programs x rows per tile: each program loops over tiles of its rows."""
+    x, weight, dy = _inputs((1000, 2048), torch.bfloat16)
+    _check_against_oracle(_run("triton", x, weight, dy), _oracle(x, weight, dy), torch.bfloat16, rows=1000)
 
 
 @pytest.mark.parametrize(

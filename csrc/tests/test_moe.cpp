@@ -15,13 +15,13 @@ using TensorPair = std::tuple<at::Tensor, at::Tensor>;
 auto op(const char* name) { return c10::Dispatcher::singleton().findSchemaOrThrow(name, ""); }
 
 TensorPair permute(const at::Tensor& tokens, const at::Tensor& indices, int64_t rows, int64_t experts) {
-  static auto handle = op("mm_kernels_cpu::moe_permute").typed<TensorPair(const at::Tensor&, const at::Tensor&, int64_t, int64_t)>();
+  static auto handle = op("mm_kernels_cpu::moe_permute_fwd").typed<TensorPair(const at::Tensor&, const at::Tensor&, int64_t, int64_t)>();
   return handle.call(tokens, indices, rows, experts);
 }
 
 at::Tensor unpermute(const at::Tensor& permuted, const at::Tensor& sorted, const std::optional<at::Tensor>& probs,
                      int64_t tokens) {
-  static auto handle = op("mm_kernels_cpu::moe_unpermute")
+  static auto handle = op("mm_kernels_cpu::moe_unpermute_fwd")
                            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t)>();
   return handle.call(permuted, sorted, probs, tokens);
 }

@@ -1,9 +1,12 @@
 """Timing harness shared by every kernel benchmark.
 
-A :class:`BenchCase` names one kernel call (shape, dtype, forward or forward+backward)
-with our implementation and the plain PyTorch reference. :func:`run_case` times ours,
-the eager reference and ``torch.compile`` of the reference, and for memory-bound kernels
-relates the achieved bandwidth to the copy bandwidth measured in the same run.
+A :class:`BenchCase` is one forward function call (kernel, shape, dtype) in one timing mode:
+``fwd`` (no autograd recording), ``bwd`` (the backward of an already computed output) or
+``fwd+bwd``. It names our function, the eager PyTorch baseline a user would write instead and,
+on CUDA, Liger-Kernel's when installed. :func:`run_case` times each of them and ``torch.compile``
+of the eager baseline, and for memory-bound kernels relates the achieved bandwidth to the
+device's copy bandwidth measured in the same run. CUDA timings come from CUDA events with the L2
+cache flushed before each call (``triton.testing.do_bench`` when triton is installed).
 """
 
 from __future__ import annotations
@@ -19,27 +22,42 @@ import torch
 from mm_kernels.dispatch import select_backend
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TIMINGS = ("fwd", "bwd", "fwd+bwd")
+
+
+def timings(device: torch.device) -> tuple[str, ...]:
+    """The timings benchmarked on ``device``: on CUDA fwd and bwd only (device times add up, and each row
+    costs a torch.compile), everywhere else all three."""
+    return TIMINGS[:2] if device.type == "cuda" else TIMINGS
 
 
 @dataclasses.dataclass
 class BenchCase:
     """One benchmarked call.
 
-    ``make_inputs`` builds fresh inputs; ``ours`` and ``reference`` take them as
-    positional arguments. ``bytes_moved`` is the least memory traffic the call needs
-    (inputs read once, outputs written once), or None for compute-bound kernels.
+    ``make_inputs()`` builds fresh positional arguments for the forward functions ``ours``, ``eager``
+    and ``liger`` (None: not available), each returning one tensor. In the ``bwd`` and ``fwd+bwd``
+    timings the arguments at ``grad_of`` require grad and the gradient of the output with respect to
+    them is taken. ``mode`` is the row's label (the timing unless given). ``bytes_moved`` is the least
+    memory traffic of the call (inputs read once, outputs written once), or None.
     """
 
     kernel: str
-    mode: str
+    timing: str
     shape: str
     dtype: torch.dtype
     make_inputs: Callable[[], Sequence[Any]]
-    ours: Callable[..., Any]
-    reference: Callable[..., Any]
+    ours: Callable[..., torch.Tensor]
+    eager: Callable[..., torch.Tensor]
+    liger: Callable[..., torch.Tensor] | None = None
     bytes_moved: int | None = None
-    op_name: str | None = None
-    implemented: tuple[str, ...] = ("reference", "cpu", "triton", "npu")
+    grad_of: tuple[int, ...] = ()
+    mode: str = ""
+
+    def __post_init__(self) -> None:
+        if self.timing not in TIMINGS:
+            raise ValueError(f"timing must be one of {TIMINGS}, got {self.timing!r}")
+        self.mode = self.mode or self.timing
 
 
 @dataclasses.dataclass
@@ -54,48 +72,100 @@ class BenchResult:
     ours_ms: float
     eager_ms: float
     compile_ms: float | None
+    liger_ms: float | None
     speedup_vs_eager: float
     speedup_vs_compile: float | None
+    speedup_vs_liger: float | None
     gbps: float | None
     copy_gbps: float | None
     pct_of_copy: float | None
     peak_mem_mb: float | None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn: Callable[[], Any], device: torch.device, warmup: int = 3, min_reps: int = 10,
-              min_seconds: float = 0.5, max_reps: int = 200) -> float:
-    """Median wall time of ``fn()`` in ms after ``warmup`` calls; repeats until both minimums are met."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_seconds):
+def _cpu_medians_ms(fns: Sequence[Callable[[], Any]], min_samples: int = 15, min_seconds: float = 0.5,
+                    sample_seconds: float = 2e-3) -> list[float]:
+    """Median CPU wall time of one call of each of ``fns`` in ms. The functions are timed in turn, sample
+    after sample, so that they see the same load on a shared machine; short calls in batches of
+    ~``sample_seconds``."""
+    batches = []
+    for fn in fns:
+        for _ in range(3):
+            fn()
         t0 = time.perf_counter()
         fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
+        batches.append(max(1, int(sample_seconds / max(time.perf_counter() - t0, 1e-9))))
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < 200 and (len(times[0]) < min_samples or time.perf_counter() - start < min_seconds):
+        for fn, batch, samples in zip(fns, batches, times, strict=True):
+            t0 = time.perf_counter()
+            for _ in range(batch):
+                fn()
+            samples.append((time.perf_counter() - t0) * 1e3 / batch)
+    return [statistics.median(samples) for samples in times]
+
+
+def _cuda_median_ms(fn: Callable[[], Any]) -> float:
+    """Median device time of one ``fn()`` in ms, from CUDA events, the L2 cache flushed before each call."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(50):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 
-_copy_cache: dict[tuple[str, int], float] = {}
+def median_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    """Median time of one ``fn()`` in ms on ``device`` (wall time on CPU, device time on CUDA)."""
+    if device.type == "cuda":
+        return _cuda_median_ms(fn)
+    return _cpu_medians_ms([fn])[0]
+
+
+def _copy(nbytes: int, device: torch.device) -> tuple[Callable[[], Any], int]:
+    """``dst.copy_(src)`` of fp32 tensors moving about ``nbytes`` (read + written), and the bytes it moves."""
+    numel = max(nbytes // 2 // 4, 1)
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), 2 * numel * 4
+
+
+def _gbps(nbytes: int, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9
 
 
 def copy_bandwidth_gbps(nbytes: int, device: torch.device) -> float:
     """Achieved GB/s (bytes read + written) of ``dst.copy_(src)`` moving ``nbytes`` in total."""
-    key = (str(device), nbytes)
-    if key not in _copy_cache:
-        numel = max(nbytes // 2 // 4, 1)
-        src = torch.randn(numel, device=device)
-        dst = torch.empty_like(src)
-        ms = median_ms(lambda: dst.copy_(src), device)
-        _copy_cache[key] = 2 * numel * 4 / (ms * 1e-3) / 1e9
-    return _copy_cache[key]
+    copy, moved = _copy(nbytes, device)
+    return _gbps(moved, median_ms(copy, device))
+
+
+def _timed(forward: Callable[..., torch.Tensor], case: BenchCase, inputs: Sequence[Any]) -> Callable[[], Any]:
+    """The zero-argument call to time: ``forward`` on ``inputs`` in ``case.timing``."""
+    if case.timing == "fwd":
+        def call():
+            with torch.no_grad():
+                return forward(*inputs)
+        return call
+    wrt = [inputs[i] for i in case.grad_of]
+    dy = torch.randn_like(forward(*inputs))
+    if case.timing == "fwd+bwd":
+        return lambda: torch.autograd.grad(forward(*inputs), wrt, dy)
+    out = forward(*inputs)
+    return lambda: torch.autograd.grad(out, wrt, dy, retain_graph=True)
 
 
 def _peak_mem_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
@@ -109,51 +179,73 @@ def _peak_mem_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def _ratio(baseline_ms: float | None, ours_ms: float) -> float | None:
+    return None if baseline_ms is None else baseline_ms / ours_ms
+
+
 def run_case(case: BenchCase, device: torch.device, with_compile: bool = True) -> BenchResult:
-    """Times ``case`` (ours, eager reference, torch.compile of the reference) on ``device``."""
+    """Times ``case`` on ``device``: ours, the eager baseline, torch.compile of it and Liger-Kernel's."""
     inputs = case.make_inputs()
-    backend = select_backend(case.op_name or case.kernel, device, case.implemented)
-    ours_ms = median_ms(lambda: case.ours(*inputs), device)
-    eager_ms = median_ms(lambda: case.reference(*inputs), device)
-    compile_ms = None
+    ours = _timed(case.ours, case, inputs)
+    copy_gbps = None
+    if case.bytes_moved and device.type == "cpu":
+        # Ours and the copy timed in turn: on a shared machine both see the same load.
+        copy, moved = _copy(case.bytes_moved, device)
+        ours_ms, copy_ms = _cpu_medians_ms([ours, copy])
+        copy_gbps = _gbps(moved, copy_ms)
+    else:
+        ours_ms = median_ms(ours, device)
+    eager_ms = median_ms(_timed(case.eager, case, inputs), device)
+    compile_ms = liger_ms = None
     if with_compile:
-        compiled = torch.compile(case.reference, dynamic=False)
-        compile_ms = median_ms(lambda: compiled(*inputs), device, warmup=2)
-    gbps = copy_gbps = pct = None
+        torch._dynamo.reset()  # a fresh compilation per case: no recompile limit reached across shapes
+        compiled = torch.compile(case.eager, dynamic=False)
+        compile_ms = median_ms(_timed(compiled, case, inputs), device)
+    if case.liger is not None:
+        liger_ms = median_ms(_timed(case.liger, case, case.make_inputs()), device)
+    gbps = pct = None
     if case.bytes_moved:
-        gbps = case.bytes_moved / (ours_ms * 1e-3) / 1e9
-        copy_gbps = copy_bandwidth_gbps(case.bytes_moved, device)
+        gbps = _gbps(case.bytes_moved, ours_ms)
+        copy_gbps = copy_gbps or copy_bandwidth_gbps(case.bytes_moved, device)
         pct = 100.0 * gbps / copy_gbps
     return BenchResult(
         kernel=case.kernel,
         mode=case.mode,
         shape=case.shape,
         dtype=str(case.dtype).removeprefix("torch."),
-        backend=backend,
+        backend=select_backend(device),
         ours_ms=ours_ms,
         eager_ms=eager_ms,
         compile_ms=compile_ms,
+        liger_ms=liger_ms,
         speedup_vs_eager=eager_ms / ours_ms,
-        speedup_vs_compile=None if compile_ms is None else compile_ms / ours_ms,
+        speedup_vs_compile=_ratio(compile_ms, ours_ms),
+        speedup_vs_liger=_ratio(liger_ms, ours_ms),
         gbps=gbps,
         copy_gbps=copy_gbps,
         pct_of_copy=pct,
-        peak_mem_mb=_peak_mem_mb(lambda: case.ours(*inputs), device),
+        peak_mem_mb=_peak_mem_mb(ours, device),
     )
 
 
 def format_table(results: Sequence[BenchResult]) -> str:
-    """Fixed-width text table of results, one row per case."""
+    """Fixed-width text table of results, one row per case (the Liger columns only when measured)."""
+    with_liger = any(r.liger_ms is not None for r in results)
     headers = ["kernel", "mode", "shape", "dtype", "backend", "ours ms", "eager ms", "compile ms",
-               "x eager", "x compile", "GB/s", "copy GB/s", "% copy", "peak MB"]
+               *(["liger ms"] if with_liger else []), "x eager", "x compile", *(["x liger"] if with_liger else []),
+               "GB/s", "copy GB/s", "% copy", "peak MB"]
 
     def fmt(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
+    def ms(value: float | None) -> str:
+        return fmt(value, ".4f" if value is not None and value < 0.1 else ".3f")
+
     rows = [
-        [r.kernel, r.mode, r.shape, r.dtype, r.backend, fmt(r.ours_ms, ".3f"), fmt(r.eager_ms, ".3f"),
-         fmt(r.compile_ms, ".3f"), fmt(r.speedup_vs_eager, ".2f"), fmt(r.speedup_vs_compile, ".2f"),
-         fmt(r.gbps, ".1f"), fmt(r.copy_gbps, ".1f"), fmt(r.pct_of_copy, ".0f"), fmt(r.peak_mem_mb, ".1f")]
+        [r.kernel, r.mode, r.shape, r.dtype, r.backend, ms(r.ours_ms), ms(r.eager_ms), ms(r.compile_ms),
+         *([ms(r.liger_ms)] if with_liger else []), fmt(r.speedup_vs_eager, ".2f"), fmt(r.speedup_vs_compile, ".2f"),
+         *([fmt(r.speedup_vs_liger, ".2f")] if with_liger else []), fmt(r.gbps, ".1f"), fmt(r.copy_gbps, ".1f"),
+         fmt(r.pct_of_copy, ".0f"), fmt(r.peak_mem_mb, ".1f")]
         for r in results
     ]
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]

@@ -3,7 +3,7 @@
 The fused op reports the softmax statistics as a row max and a row sum (each repeated 8 times in the
 last dim); lse = max + log(sum). The gradient op takes them back, so it is handed (lse, 1), which
 describes the same probabilities. Causal uses sparse_mode 2 (top-left aligned) with the 2048 x 2048
-upper-triangular mask the op expects. fp64 is not supported by the NPU op and runs the reference.
+upper-triangular mask the op expects.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import functools
 
 import torch
 from torch import Tensor
-
-from mm_kernels.reference import attention as reference
 
 _STAT_WIDTH = 8
 _MASK_SIZE = 2048
@@ -33,8 +31,6 @@ def _mask_args(causal: bool, device: torch.device) -> dict:
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> (out [B, Sq, Hq, D], lse [B, Hq, Sq] fp32)."""
-    if q.dtype == torch.float64:
-        return reference.attention_fwd(q, k, v, causal, scale)
     import torch_npu
 
     out, row_max, row_sum, *_ = torch_npu.npu_fusion_attention(
@@ -48,8 +44,6 @@ def attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) like (q, k, v) given dout [B, Sq, Hq, D], out and lse of the forward."""
-    if q.dtype == torch.float64:
-        return reference.attention_bwd(dout, q, k, v, out, lse, causal, scale)
     import torch_npu
 
     row_max = lse.float().unsqueeze(-1).expand(*lse.shape, _STAT_WIDTH).contiguous()

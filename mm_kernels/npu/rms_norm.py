@@ -1,10 +1,13 @@
 """RMSNorm on Ascend NPUs through torch_npu, same functions as ``mm_kernels.reference.rms_norm``.
 
-``torch_npu.npu_rms_norm(x, gamma, epsilon) -> (y, rstd)`` covers the llama casting with a
-weight of x's dtype and no offset (MindSpeed's fused norm); its backward is
+``torch_npu.npu_rms_norm(x, gamma, epsilon) -> (y, rstd)`` computes x * rstd * gamma in fp32 and
+rounds once. That is the gemma casting with offset 0 exactly; the llama casting (MindSpeed's fused
+norm) rounds the normalised x to x's dtype before the weight multiply, so there the kernel's result
+can differ from the reference by one unit in the last place. Both run the kernel when the weight has
+x's dtype and there is no offset; its backward is
 ``torch.ops.npu.npu_rms_norm_backward(dy, x, gamma, rstd) -> (dx, dgamma)``. Every other
-combination (no weight, gemma/none casting, an offset, a weight of another dtype, fp64)
-runs the reference functions on the NPU tensors.
+combination (no weight, none casting, an offset, a weight of another dtype) runs the reference
+functions on the NPU tensors.
 """
 
 from __future__ import annotations
@@ -19,12 +22,9 @@ try:
 except ImportError:
     torch_npu = None
 
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _fused(x: Tensor, weight: Tensor | None, casting: str, offset: float) -> bool:
-    return (torch_npu is not None and x.device.type == "npu" and weight is not None and casting == "llama"
-            and offset == 0.0 and x.dtype in _FUSED_DTYPES and weight.dtype == x.dtype)
+    return (torch_npu is not None and x.device.type == "npu" and weight is not None
+            and casting in ("llama", "gemma") and offset == 0.0 and weight.dtype == x.dtype)
 
 
 def _fused_backward_available() -> bool:
@@ -34,7 +34,7 @@ def _fused_backward_available() -> bool:
 def rms_norm_fwd(
     x: Tensor, weight: Tensor | None, eps: float, casting: str, offset: float
 ) -> tuple[Tensor, Tensor]:
-    """x [..., H], weight [H] or None -> (y [..., H] in x.dtype, rstd [...] fp32; fp64 for fp64 x)."""
+    """x [..., H], weight [H] or None -> (y [..., H] in x.dtype, rstd [...] fp32)."""
     if not _fused(x, weight, casting, offset):
         return reference.rms_norm_fwd(x, weight, eps, casting, offset)
     y, rstd = torch_npu.npu_rms_norm(x, weight, epsilon=eps)

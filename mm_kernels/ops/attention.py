@@ -1,4 +1,4 @@
-"""Scaled dot-product attention that also returns the log-sum-exp: the ``mm_kernels::attention_*`` custom ops.
+"""Scaled dot-product attention that also returns the log-sum-exp: the ``mm_kernels::attention_*`` operators.
 
 The building block of context-parallel attention (partial results over key blocks are merged with
 their lse). Layout [B, S, H, D]; grouped-query attention when Hq is a multiple of Hkv (query head h
@@ -12,15 +12,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mm_kernels._registry import kernels_for
+from mm_kernels import contract
 from mm_kernels.ops._checks import check_float, check_same_device, check_shape
-from mm_kernels.reference.rms_norm import compute_dtype
-
-IMPLEMENTED = ("reference", "cpu", "triton", "npu")
-
-
-def _kernels(q: Tensor):
-    return kernels_for("attention", q.device, IMPLEMENTED)
+from mm_kernels.ops._kernel_op import KernelOp
+from mm_kernels.precision import compute_dtype
 
 
 def _lse_like(q: Tensor) -> Tensor:
@@ -28,34 +23,37 @@ def _lse_like(q: Tensor) -> Tensor:
     return q.new_empty(batch, heads_q, seq_q, dtype=compute_dtype(q.dtype))
 
 
-@torch.library.custom_op("mm_kernels::attention_fwd", mutates_args=())
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> (out [B, Sq, Hq, D] q.dtype, lse [B, Hq, Sq] fp32/fp64)."""
+def _dense_like(t: Tensor) -> Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def _forward_without_work(q, k, v, causal, scale):
+    """The outputs when there is nothing to compute (no query, or no key: out 0, lse -inf), else None."""
     if q.numel() == 0:
-        return torch.empty_like(q, memory_format=torch.contiguous_format), _lse_like(q)
+        return _dense_like(q), _lse_like(q)
     if k.shape[1] == 0:
         return torch.zeros_like(q, memory_format=torch.contiguous_format), _lse_like(q).fill_(float("-inf"))
-    return _kernels(q).attention_fwd(q, k, v, causal, scale)
+    return None
+
+
+def _backward_without_work(dout, q, k, v, out, lse, causal, scale):
+    if q.numel() == 0 or k.numel() == 0:
+        return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    return None
+
+
+attention_fwd = KernelOp(contract.Attention, "attention_fwd", before=_forward_without_work)
+attention_bwd = KernelOp(contract.Attention, "attention_bwd", before=_backward_without_work)
 
 
 @attention_fwd.register_fake
 def _(q, k, v, causal, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), _lse_like(q)
-
-
-@torch.library.custom_op("mm_kernels::attention_bwd", mutates_args=())
-def attention_bwd(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv) like (q, k, v) of :func:`attention_fwd`, given dout and the forward's (out, lse)."""
-    if q.numel() == 0 or k.numel() == 0:
-        return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-    return _kernels(q).attention_bwd(dout, q, k, v, out, lse, causal, scale)
+    return _dense_like(q), _lse_like(q)
 
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, causal, scale):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    return tuple(_dense_like(t) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
@@ -68,7 +66,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(dout.contiguous(), q, k, v, out, lse, ctx.causal, ctx.scale)
+    dq, dk, dv = attention_bwd.run(ctx.backend, dout.contiguous(), q, k, v, out, lse, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None
 
 

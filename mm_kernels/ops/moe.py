@@ -1,4 +1,4 @@
-"""MoE token permute / unpermute: public API and the ``mm_kernels::moe_*`` custom ops.
+"""MoE token permute / unpermute: public API and the ``mm_kernels::moe_*`` operators.
 
 Two forms (semantics in ``mm_kernels.reference.moe``):
 - index form, like torch_npu.npu_moe_token_permute / npu_moe_token_unpermute:
@@ -7,7 +7,8 @@ Two forms (semantics in ``mm_kernels.reference.moe``):
   ``moe_utils.permute`` / ``moe_utils.unpermute``: :func:`moe_permute_with_routing_map` and
   :func:`moe_unpermute_with_routing_map` (also named :data:`megatron_permute` / :data:`megatron_unpermute`).
 Values that need the data (expert ids, row indices) are checked when the op runs, before any
-output is written; shapes and dtypes are checked before the op is called.
+output is written (on an accelerator as device assertions, without a host sync); shapes and dtypes
+are checked before the op is called.
 """
 
 from __future__ import annotations
@@ -18,20 +19,41 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mm_kernels._registry import kernels_for
+from mm_kernels import contract
+from mm_kernels.dispatch import host_checks
 from mm_kernels.ops._checks import check_float, check_index, check_same_device, check_shape
+from mm_kernels.ops._kernel_op import KernelOp
 from mm_kernels.reference.moe import num_kept_rows
 
-IMPLEMENTED = ("reference", "cpu", "triton", "npu")
+_NOT_A_PERMUTATION = ("sorted_indices must be a permutation of [0, T*K) (a row appears twice); "
+                      "pass the sorted_indices returned by moe_permute")
 
 
-def _kernels(x: Tensor):
-    return kernels_for("moe", x.device, IMPLEMENTED)
+def _on_host(t: Tensor) -> bool:
+    """Whether checks of ``t``'s values run on the host: CPU tensors, or any with ``MM_KERNELS_DEBUG=1``."""
+    return t.device.type == "cpu" or host_checks()
+
+
+def _require(ok: Tensor, message: str) -> None:
+    """Raises ValueError(message) unless the 0-d bool ``ok`` is true; on an accelerator the check is an
+    asynchronous device assertion (no host sync, capturable in a CUDA graph) unless MM_KERNELS_DEBUG=1."""
+    if _on_host(ok):
+        if not bool(ok):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)
 
 
 def _check_values_in(name: str, values: Tensor, bound: int) -> None:
-    """Raises ValueError unless every element of ``values`` is in [0, bound) (bound < 0: no upper bound)."""
+    """Raises ValueError unless every element of ``values`` is in [0, bound) (bound < 0: no upper bound).
+
+    On the host the message names the offending value; on an accelerator it is a device assertion.
+    """
     if values.numel() == 0:
+        return
+    if not _on_host(values):
+        ok = values >= 0 if bound < 0 else (values >= 0) & (values < bound)
+        _require(ok.all(), f"{name} must be in [0, {bound if bound >= 0 else 'inf'})")
         return
     low, high = int(values.min()), int(values.max())
     if low < 0:
@@ -40,16 +62,37 @@ def _check_values_in(name: str, values: Tensor, bound: int) -> None:
         raise ValueError(f"{name} must be < {bound}, got {high}")
 
 
-# ---- index form ---------------------------------------------------------------------------
-
-
-@torch.library.custom_op("mm_kernels::moe_permute_fwd", mutates_args=())
-def moe_permute_fwd(tokens: Tensor, indices: Tensor, num_rows: int, num_experts: int) -> tuple[Tensor, Tensor]:
-    """tokens [T, H], indices [T, K] int -> (permuted [num_rows, H], sorted_indices [T * K] int32)."""
+def _check_permute(tokens, indices, num_rows, num_experts):
     _check_values_in("indices (expert ids)" if num_experts < 0 else f"indices (num_experts = {num_experts})",
                      indices, num_experts)
-    permuted, sorted_indices = _kernels(tokens).permute_fwd(tokens, indices, num_rows, num_experts)
-    return permuted, sorted_indices.to(torch.int32)
+
+
+def _check_unpermute(permuted, sorted_indices, probs, num_tokens):
+    slots = sorted_indices.numel()
+    _check_values_in("sorted_indices", sorted_indices, slots)
+    rows = sorted_indices.long().clamp(0, max(slots - 1, 0))
+    hit = torch.zeros(slots, dtype=torch.bool, device=sorted_indices.device).index_fill_(0, rows, True)
+    _require(hit.all(), _NOT_A_PERMUTATION)
+
+
+def _check_gather(src, row_token):
+    _check_values_in("sorted_indices (token rows)", row_token, src.shape[0])
+
+
+def _check_combine(src, row_token, row_weight, num_tokens):
+    _check_values_in("sorted_indices (token rows)", row_token, num_tokens)
+
+
+moe_permute_fwd = KernelOp(contract.MoE, "permute_fwd", before=_check_permute)
+moe_unpermute_fwd = KernelOp(contract.MoE, "unpermute_fwd", before=_check_unpermute)
+moe_unpermute_bwd = KernelOp(contract.MoE, "unpermute_bwd")
+moe_sort_routing_map = KernelOp(contract.MoE, "sort_routing_map")
+moe_gather = KernelOp(contract.MoE, "gather", before=_check_gather)
+moe_combine = KernelOp(contract.MoE, "combine", before=_check_combine)
+moe_combine_bwd = KernelOp(contract.MoE, "combine_bwd")
+
+
+# ---- index form ---------------------------------------------------------------------------
 
 
 @moe_permute_fwd.register_fake
@@ -64,36 +107,16 @@ def _permute_setup_context(ctx, inputs, output):
 
 def _permute_backward(ctx, dpermuted, dsorted):
     (sorted_indices,) = ctx.saved_tensors
-    return moe_unpermute_fwd(dpermuted.contiguous(), sorted_indices, None, ctx.num_tokens), None, None, None
+    dtokens = moe_unpermute_fwd.run(ctx.backend, dpermuted.contiguous(), sorted_indices, None, ctx.num_tokens)
+    return dtokens, None, None, None
 
 
 moe_permute_fwd.register_autograd(_permute_backward, setup_context=_permute_setup_context)
 
 
-@torch.library.custom_op("mm_kernels::moe_unpermute_fwd", mutates_args=())
-def moe_unpermute_fwd(permuted: Tensor, sorted_indices: Tensor, probs: Optional[Tensor], num_tokens: int) -> Tensor:
-    """permuted [N, H], sorted_indices [T * K] (a permutation of [0, T * K)), probs [T, K] | None -> [T, H]."""
-    slots = sorted_indices.numel()
-    _check_values_in("sorted_indices", sorted_indices, slots)
-    hit = torch.zeros(slots, dtype=torch.bool, device=sorted_indices.device).index_fill_(0, sorted_indices.long(), True)
-    if not bool(hit.all()):
-        raise ValueError("sorted_indices must be a permutation of [0, T*K) (a row appears twice); "
-                         "pass the sorted_indices returned by moe_permute")
-    return _kernels(permuted).unpermute_fwd(permuted, sorted_indices, probs, num_tokens)
-
-
 @moe_unpermute_fwd.register_fake
 def _(permuted, sorted_indices, probs, num_tokens):
     return permuted.new_empty(num_tokens, permuted.shape[1])
-
-
-@torch.library.custom_op("mm_kernels::moe_unpermute_bwd", mutates_args=())
-def moe_unpermute_bwd(
-    dout: Tensor, permuted: Tensor, sorted_indices: Tensor, probs: Optional[Tensor]
-) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`moe_unpermute_fwd`: (dpermuted like permuted, dprobs like probs; empty without probs)."""
-    dpermuted, dprobs = _kernels(permuted).unpermute_bwd(dout, permuted, sorted_indices, probs)
-    return dpermuted, permuted.new_empty(0) if dprobs is None else dprobs
 
 
 @moe_unpermute_bwd.register_fake
@@ -110,7 +133,7 @@ def _unpermute_setup_context(ctx, inputs, output):
 
 def _unpermute_backward(ctx, dout):
     permuted, sorted_indices, probs = ctx.saved_tensors
-    dpermuted, dprobs = moe_unpermute_bwd(dout.contiguous(), permuted, sorted_indices, probs)
+    dpermuted, dprobs = moe_unpermute_bwd.run(ctx.backend, dout.contiguous(), permuted, sorted_indices, probs)
     return dpermuted, None, (dprobs if probs is not None else None), None
 
 
@@ -125,7 +148,7 @@ def moe_permute(
     tokens [T, H] fp32/fp16/bf16/fp64, indices [T, K] or [T] int32/int64 expert ids ->
     (permuted [N, H] in tokens.dtype, sorted_indices [T * K] int32). Slot s = t * K + k goes to
     row sorted_indices[s]: expert-major, ascending token within an expert. N = num_out_tokens
-    if > 0, else T * K + num_out_tokens (0 keeps every slot); rows past N are dropped.
+    if > 0, else T * K + num_out_tokens (0 keeps every slot, -T * K none); rows past N are dropped.
     ``num_experts``, when given, bounds the expert ids. Differentiable in tokens.
     """
     check_float("tokens", tokens)
@@ -137,10 +160,14 @@ def moe_permute(
     check_same_device(tokens=tokens, indices=indices)
     if num_experts is not None and num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    slots, num_out_tokens = indices.numel(), int(num_out_tokens)
+    if num_out_tokens < -slots:
+        raise ValueError(f"num_out_tokens must be >= -T*K = {-slots} (T*K + num_out_tokens rows are kept), "
+                         f"got {num_out_tokens}")
     if indices.dim() == 1:
         indices = indices.unsqueeze(-1)
-    num_rows = num_kept_rows(indices.numel(), int(num_out_tokens))
-    return moe_permute_fwd(tokens, indices, num_rows, -1 if num_experts is None else int(num_experts))
+    return moe_permute_fwd(tokens, indices, num_kept_rows(slots, num_out_tokens),
+                           -1 if num_experts is None else int(num_experts))
 
 
 def moe_unpermute(
@@ -185,24 +212,11 @@ def moe_unpermute(
 # ---- routing-map form (row form) ----------------------------------------------------------
 
 
-@torch.library.custom_op("mm_kernels::moe_sort_routing_map", mutates_args=())
-def moe_sort_routing_map(routing_map: Tensor, capacity: int) -> Tensor:
-    """routing_map [T, E] bool -> row_slot [N] int64 (t * E + e of each row), see reference.sort_routing_map."""
-    return _kernels(routing_map).sort_routing_map(routing_map, capacity)
-
-
 @moe_sort_routing_map.register_fake
 def _(routing_map, capacity):
     num_tokens, num_experts = routing_map.shape
     rows = torch.library.get_ctx().new_dynamic_size() if capacity < 0 else num_experts * min(capacity, num_tokens)
     return routing_map.new_empty(rows, dtype=torch.int64)
-
-
-@torch.library.custom_op("mm_kernels::moe_gather", mutates_args=())
-def moe_gather(src: Tensor, row_token: Tensor) -> Tensor:
-    """src [T, H], row_token [N] int -> out [N, H], out[r] = src[row_token[r]]."""
-    _check_values_in("sorted_indices (token rows)", row_token, src.shape[0])
-    return _kernels(src).gather(src, row_token)
 
 
 @moe_gather.register_fake
@@ -217,17 +231,10 @@ def _gather_setup_context(ctx, inputs, output):
 
 def _gather_backward(ctx, dout):
     (row_token,) = ctx.saved_tensors
-    return moe_combine(dout.contiguous(), row_token, None, ctx.num_tokens), None
+    return moe_combine.run(ctx.backend, dout.contiguous(), row_token, None, ctx.num_tokens), None
 
 
 moe_gather.register_autograd(_gather_backward, setup_context=_gather_setup_context)
-
-
-@torch.library.custom_op("mm_kernels::moe_combine", mutates_args=())
-def moe_combine(src: Tensor, row_token: Tensor, row_weight: Optional[Tensor], num_tokens: int) -> Tensor:
-    """src [N, H], row_token [N] int, row_weight [N] | None -> out [num_tokens, H], summed per token in fp32."""
-    _check_values_in("sorted_indices (token rows)", row_token, num_tokens)
-    return _kernels(src).combine(src, row_token, row_weight, num_tokens)
 
 
 @moe_combine.register_fake
@@ -235,19 +242,10 @@ def _(src, row_token, row_weight, num_tokens):
     return src.new_empty(num_tokens, src.shape[1])
 
 
-@torch.library.custom_op("mm_kernels::moe_combine_bwd", mutates_args=())
-def moe_combine_bwd(
-    dout: Tensor, src: Tensor, row_token: Tensor, row_weight: Optional[Tensor]
-) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`moe_combine`: (dsrc like src, drow_weight like row_weight; empty without weights)."""
-    dsrc, dweight = _kernels(src).combine_bwd(dout, src, row_token, row_weight)
-    return dsrc, src.new_empty(0) if dweight is None else dweight
-
-
 @moe_combine_bwd.register_fake
 def _(dout, src, row_token, row_weight):
     return torch.empty_like(src, memory_format=torch.contiguous_format), (
-        src.new_empty(0) if row_weight is None else torch.empty_like(row_weight)
+        src.new_empty(0) if row_weight is None else torch.empty_like(row_weight, memory_format=torch.contiguous_format)
     )
 
 
@@ -258,7 +256,7 @@ def _combine_setup_context(ctx, inputs, output):
 
 def _combine_backward(ctx, dout):
     src, row_token, row_weight = ctx.saved_tensors
-    dsrc, dweight = moe_combine_bwd(dout.contiguous(), src, row_token, row_weight)
+    dsrc, dweight = moe_combine_bwd.run(ctx.backend, dout.contiguous(), src, row_token, row_weight)
     return dsrc, None, (dweight if row_weight is not None else None), None
 
 

@@ -1,4 +1,4 @@
-"""RMSNorm: public API and the ``mm_kernels::rms_norm_*`` custom ops.
+"""RMSNorm: public API and the ``mm_kernels::rms_norm_*`` operators (see :mod:`mm_kernels.ops._kernel_op`).
 
 Casting modes (statistics always in fp32):
 - ``llama``: normalise in fp32, cast to x.dtype, multiply by (offset + weight) (HF, Megatron, MindSpeed).
@@ -11,43 +11,30 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mm_kernels._registry import kernels_for
+from mm_kernels import contract
 from mm_kernels.ops._checks import check_float, check_min_dim, check_same_device
-from mm_kernels.reference.rms_norm import compute_dtype
+from mm_kernels.ops._kernel_op import KernelOp
+from mm_kernels.precision import compute_dtype
 
 CASTING_MODES = ("llama", "gemma", "none")
-IMPLEMENTED = ("reference", "cpu", "triton", "npu")
+
+rms_norm_fwd = KernelOp(contract.RMSNorm, "rms_norm_fwd")
+rms_norm_bwd = KernelOp(contract.RMSNorm, "rms_norm_bwd")
+add_rms_norm_fwd = KernelOp(contract.RMSNorm, "add_rms_norm_fwd")
 
 
-def _kernels(x: Tensor):
-    return kernels_for("rms_norm", x.device, IMPLEMENTED)
-
-
-@torch.library.custom_op("mm_kernels::rms_norm_fwd", mutates_args=())
-def rms_norm_fwd(
-    x: Tensor, weight: Optional[Tensor], eps: float, casting: str, offset: float
-) -> tuple[Tensor, Tensor]:
-    """x [..., H], weight [H] | None -> (y [..., H] x.dtype, rstd [...] fp32 (fp64 for fp64 x))."""
-    return _kernels(x).rms_norm_fwd(x, weight, eps, casting, offset)
+def _rstd_like(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[:-1], dtype=compute_dtype(x.dtype))
 
 
 @rms_norm_fwd.register_fake
 def _(x, weight, eps, casting, offset):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1], dtype=compute_dtype(x.dtype))
-
-
-@torch.library.custom_op("mm_kernels::rms_norm_bwd", mutates_args=())
-def rms_norm_bwd(
-    dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, eps: float, casting: str, offset: float
-) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`rms_norm_fwd`: (dx like x, dweight like weight; an empty tensor without weight)."""
-    dx, dweight = _kernels(x).rms_norm_bwd(dy, x, weight, rstd, eps, casting, offset)
-    return dx, x.new_empty(0) if dweight is None else dweight
+    return torch.empty_like(x, memory_format=torch.contiguous_format), _rstd_like(x)
 
 
 @rms_norm_bwd.register_fake
 def _(dy, x, weight, rstd, eps, casting, offset):
-    dweight = x.new_empty(0) if weight is None else torch.empty_like(weight)
+    dweight = x.new_empty(0) if weight is None else torch.empty_like(weight, memory_format=torch.contiguous_format)
     return torch.empty_like(x, memory_format=torch.contiguous_format), dweight
 
 
@@ -60,25 +47,17 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, drstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dweight = rms_norm_bwd(dy.contiguous(), x, weight, rstd, ctx.eps, ctx.casting, ctx.offset)
+    dx, dweight = rms_norm_bwd.run(ctx.backend, dy.contiguous(), x, weight, rstd, ctx.eps, ctx.casting, ctx.offset)
     return dx, (dweight if weight is not None else None), None, None, None
 
 
 rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("mm_kernels::add_rms_norm_fwd", mutates_args=())
-def add_rms_norm_fwd(
-    x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(x + residual) then llama RMSNorm: -> (y, rstd fp32, x + residual), all [..., H] but rstd [...]."""
-    return _kernels(x).add_rms_norm_fwd(x, residual, weight, eps)
-
-
 @add_rms_norm_fwd.register_fake
 def _(x, residual, weight, eps):
     dense = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return dense, x.new_empty(x.shape[:-1], dtype=compute_dtype(x.dtype)), torch.empty_like(dense)
+    return dense, _rstd_like(x), torch.empty_like(dense)
 
 
 def _add_setup_context(ctx, inputs, output):
@@ -90,7 +69,7 @@ def _add_setup_context(ctx, inputs, output):
 
 def _add_backward(ctx, dy, drstd, dsum):
     summed, weight, rstd = ctx.saved_tensors
-    dnorm, dweight = rms_norm_bwd(dy.contiguous(), summed, weight, rstd, ctx.eps, "llama", 0.0)
+    dnorm, dweight = rms_norm_bwd.run(ctx.backend, dy.contiguous(), summed, weight, rstd, ctx.eps, "llama", 0.0)
     dx = dnorm if dsum is None else dnorm + dsum
     return dx, dx, (dweight if weight is not None else None), None
 

@@ -1,4 +1,4 @@
-"""SwiGLU: public API and the ``mm_kernels::swiglu_*`` custom ops (outputs always contiguous).
+"""SwiGLU: public API and the ``mm_kernels::swiglu_*`` operators (outputs always contiguous).
 
 ``swiglu(x, dim)`` = silu(a) * b with a, b = x.chunk(2, dim) (the Megatron / torch_npu.npu_swiglu
 convention); ``swiglu_pair(gate, up)`` = silu(gate) * up. silu is computed in fp32 (fp64 for
@@ -9,37 +9,21 @@ backward: the backward recomputes silu instead of keeping it.
 import torch
 from torch import Tensor
 
-from mm_kernels._registry import kernels_for
+from mm_kernels import contract
 from mm_kernels.ops._checks import check_float, check_same_device
+from mm_kernels.ops._kernel_op import KernelOp
 
-IMPLEMENTED = ("reference", "cpu", "triton", "npu")
-
-
-def _kernels(x: Tensor):
-    return kernels_for("swiglu", x.device, IMPLEMENTED)
-
-
-def _half_shape(x: Tensor, dim: int) -> list[int]:
-    shape = list(x.shape)
-    shape[dim] //= 2
-    return shape
-
-
-@torch.library.custom_op("mm_kernels::swiglu_fwd", mutates_args=())
-def swiglu_fwd(x: Tensor, dim: int) -> Tensor:
-    """x [..., 2F, ...] (2F at ``dim`` >= 0) -> y [..., F, ...] contiguous, x.dtype."""
-    return _kernels(x).swiglu_fwd(x, dim).contiguous()
+swiglu_fwd = KernelOp(contract.SwiGLU, "swiglu_fwd")
+swiglu_bwd = KernelOp(contract.SwiGLU, "swiglu_bwd")
+swiglu_pair_fwd = KernelOp(contract.SwiGLU, "swiglu_pair_fwd")
+swiglu_pair_bwd = KernelOp(contract.SwiGLU, "swiglu_pair_bwd")
 
 
 @swiglu_fwd.register_fake
 def _(x, dim):
-    return x.new_empty(_half_shape(x, dim))
-
-
-@torch.library.custom_op("mm_kernels::swiglu_bwd", mutates_args=())
-def swiglu_bwd(dy: Tensor, x: Tensor, dim: int) -> Tensor:
-    """Gradient of :func:`swiglu_fwd`: dy [..., F, ...] -> dx like x (contiguous)."""
-    return _kernels(x).swiglu_bwd(dy, x, dim).contiguous()
+    shape = list(x.shape)
+    shape[dim] //= 2
+    return x.new_empty(shape)
 
 
 @swiglu_bwd.register_fake
@@ -55,28 +39,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     (x,) = ctx.saved_tensors
-    return swiglu_bwd(dy.contiguous(), x, ctx.dim), None
+    return swiglu_bwd.run(ctx.backend, dy.contiguous(), x, ctx.dim), None
 
 
 swiglu_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("mm_kernels::swiglu_pair_fwd", mutates_args=())
-def swiglu_pair_fwd(gate: Tensor, up: Tensor) -> Tensor:
-    """gate, up [...] (same shape and dtype) -> silu(gate) * up [...] contiguous, gate.dtype."""
-    return _kernels(gate).swiglu_pair_fwd(gate, up).contiguous()
-
-
 @swiglu_pair_fwd.register_fake
 def _(gate, up):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("mm_kernels::swiglu_pair_bwd", mutates_args=())
-def swiglu_pair_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`swiglu_pair_fwd`: (dgate, dup), contiguous, like gate and up."""
-    dgate, dup = _kernels(gate).swiglu_pair_bwd(dy, gate, up)
-    return dgate.contiguous(), dup.contiguous()
 
 
 @swiglu_pair_bwd.register_fake
@@ -91,7 +62,7 @@ def _pair_setup_context(ctx, inputs, output):
 
 def _pair_backward(ctx, dy):
     gate, up = ctx.saved_tensors
-    return swiglu_pair_bwd(dy.contiguous(), gate, up)
+    return swiglu_pair_bwd.run(ctx.backend, dy.contiguous(), gate, up)
 
 
 swiglu_pair_fwd.register_autograd(_pair_backward, setup_context=_pair_setup_context)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from mm_kernels.ops.attention import attention_bwd, attention_fwd
 from mm_kernels.parallel.stats import count_sent, timed_compute
-from mm_kernels.reference.rms_norm import compute_dtype
+from mm_kernels.precision import compute_dtype
 
 _KV_TAG = 0
 _DKV_TAG = 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mm_kernels.reference.rms_norm import compute_dtype
+from mm_kernels.precision import compute_dtype
 
 
 def _scores(q: Tensor, k: Tensor, causal: bool, scale: float) -> Tensor:

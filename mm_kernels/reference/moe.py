@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mm_kernels.reference.rms_norm import compute_dtype
+from mm_kernels.precision import compute_dtype
 
 
 def num_kept_rows(slots: int, num_out_tokens: int) -> int:
@@ -66,21 +66,27 @@ def unpermute_fwd(permuted: Tensor, sorted_indices: Tensor, probs: Tensor | None
 def unpermute_bwd(
     dout: Tensor, permuted: Tensor, sorted_indices: Tensor, probs: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
-    """Gradients of :func:`unpermute_fwd`: (dpermuted like permuted, dprobs like probs or None), in fp32."""
-    rows = permuted.shape[0]
-    num_tokens = dout.shape[0]
-    topk = topk_of(sorted_indices, num_tokens)
+    """Gradients of :func:`unpermute_fwd`: (dpermuted like permuted, dprobs like probs or None), in fp32.
+
+    Gathers only (the slot of each kept row comes from inverting the permutation), so the result does
+    not depend on scatter order and nothing waits for the device.
+    """
+    rows, hidden = permuted.shape
+    slots = sorted_indices.numel()
+    topk = max(topk_of(sorted_indices, dout.shape[0]), 1)
     slot_rows = sorted_indices.long()
-    kept = torch.nonzero(slot_rows < rows).reshape(-1)
-    dout_slots = dout.float().repeat_interleave(topk, dim=0).index_select(0, kept)
-    weights = dout.new_ones(kept.numel(), dtype=torch.float32) if probs is None else probs.reshape(-1).float().index_select(0, kept)
-    dpermuted = permuted.new_zeros(permuted.shape, dtype=torch.float32)
-    dpermuted.index_copy_(0, slot_rows.index_select(0, kept), dout_slots * weights.unsqueeze(-1))
-    dprobs = None
-    if probs is not None:
-        dots = (permuted.float().index_select(0, slot_rows.index_select(0, kept)) * dout_slots).sum(dim=-1)
-        dprobs = probs.new_zeros(probs.numel(), dtype=torch.float32).index_copy_(0, kept, dots).view(probs.shape).to(probs.dtype)
-    return dpermuted.to(permuted.dtype), dprobs
+    all_slots = torch.arange(slots, device=permuted.device)
+    slot_of_row = torch.empty_like(slot_rows).scatter_(0, slot_rows, all_slots)[:rows]
+    dpermuted = dout.float().index_select(0, slot_of_row // topk)
+    if probs is None:
+        return dpermuted.to(permuted.dtype), None
+    weights = probs.reshape(-1).float()
+    dpermuted = dpermuted * weights.index_select(0, slot_of_row).unsqueeze(-1)
+    # Dropped slots (row >= N) read an appended zero row.
+    padded = torch.cat([permuted.float(), permuted.new_zeros(1, hidden, dtype=torch.float32)])
+    kept_rows = torch.where(slot_rows < rows, slot_rows, rows)
+    dots = (padded.index_select(0, kept_rows) * dout.float().index_select(0, all_slots // topk)).sum(dim=-1)
+    return dpermuted.to(permuted.dtype), dots.view(probs.shape).to(probs.dtype)
 
 
 def sort_routing_map(routing_map: Tensor, capacity: int) -> Tensor:

@@ -5,10 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Precision of the statistics: fp32, or fp64 for fp64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
+from mm_kernels.precision import compute_dtype
 
 
 def rms_norm_fwd(

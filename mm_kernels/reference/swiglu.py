@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mm_kernels.reference.rms_norm import compute_dtype
+from mm_kernels.precision import compute_dtype
 
 
 def swiglu_pair_fwd(gate: Tensor, up: Tensor) -> Tensor:

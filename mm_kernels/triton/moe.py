@@ -1,7 +1,9 @@
-"""MoE permute / unpermute as Triton kernels; index building (sorts, counts) with torch ops.
+"""MoE permute / unpermute as Triton kernels; index building (sorts, searches) with torch ops.
 
-Same functions and semantics as ``mm_kernels.reference.moe``. Rows are moved in blocks of
-BLOCK_H columns and summed in fp32; each output element is written by one program.
+The kernels of :class:`mm_kernels.contract.MoE` (semantics in ``mm_kernels.reference.moe``). None waits
+for the device (no host sync: they can be captured in a CUDA graph) except ``sort_routing_map`` without
+a capacity, whose output size is the number of routed pairs. Rows are moved in blocks of BLOCK_H
+columns and summed in fp32; each output element is written by one program.
 """
 
 from __future__ import annotations
@@ -129,8 +131,9 @@ def unpermute_bwd(
 
 def combine(src: Tensor, row_token: Tensor, row_weight: Tensor | None, num_tokens: int) -> Tensor:
     order = torch.argsort(row_token, stable=True)
-    counts = torch.bincount(row_token, minlength=num_tokens)
-    first = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    # first[t]: where token t's rows start in that order (searchsorted, not bincount: no host sync).
+    tokens = torch.arange(num_tokens + 1, device=row_token.device, dtype=row_token.dtype)
+    first = torch.searchsorted(row_token.index_select(0, order), tokens)
     return _sum_rows(src, order, first, None if row_weight is None else row_weight.index_select(0, order), num_tokens)
 
 
