@@ -8,7 +8,9 @@
 #   4. Hugging Face training steps with and without the fused kernels (mm-bench hf, when transformers
 #      is installed): the equivalence probe, the Triton kernels and the experts' grouped matmuls on CUDA;
 #   5. mm-train's one-process fault tests on the GPU (fp16 loss scaling, the NaN stop, stop signals and
-#      the time limit, whose agreement all-reduce then runs on NCCL), when pytest is installed.
+#      the time limit, whose agreement all-reduce then runs on NCCL), when pytest is installed;
+#   6. benchmarks/gpu_train_check.py: the tiny GPT trained on the GPU with the fused kernels, its loss
+#      curve against the CPU's ('gpu-train: ...' lines, the runs' logs in OUTPUT_DIR).
 # Each step has a time limit (about 5 minutes in all on one H200, 8 at most); a failing step does not
 # stop the next ones, and the exit status is 1 if any failed. Logs, tables and JSON go to OUTPUT_DIR.
 # Usage: bash benchmarks/gpu.sh [OUTPUT_DIR]   (default runs/gpu-bench); PYTHON=... picks the interpreter.
@@ -60,6 +62,7 @@ if "$PYTHON" -c "import pytest" 2>/dev/null; then
   step "trainer faults" 120 trainer-faults.txt "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/test_train_faults.py -m slow -k "fp16 or diverging or stop_signal or time_limit"
 fi
+step "trainer on the GPU" 120 train.txt "$PYTHON" benchmarks/gpu_train_check.py "$out"
 echo "gpu.sh: results in $out"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "gpu.sh: failed: ${failed[*]}" >&2

@@ -23,6 +23,7 @@ from mm_train.features.multimodal import expand_config_file
 from mm_train.features.resilience import RunGuard
 from mm_train.launch import init_process_group, read_launch
 from mm_train.loop import train
+from mm_train.platform.quiet import fallback_notice
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mm-train`` / ``python -m mm_train``; returns the exit status."""
     try:
         args = parse_args(argv)
-        launch = read_launch()
+        launch = read_launch(args.local_rank)
         config = build_config(args, launch)
     except ConfigError as error:
         _error(error)
@@ -72,11 +73,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"mm-train: training is already complete: {config.checkpoint.load} holds iteration {complete}, "
                       f"--train-iters is {config.training.train_iters}; nothing to do", flush=True)
             return 0
+        if launch.rank == 0:
+            for line in (*config.notices, *fallback_notice()):
+                print(f"mm-train: {line}", flush=True)
         init_process_group(launch, config.parallel.distributed_backend, config.parallel.timeout)
         engine = build_engine(config, launch)
         state = engine.load()
-        if config.inactive_flags and launch.rank == 0:
-            print(f"mm-train: accepted without effect here: {' '.join(config.inactive_flags)}", flush=True)
         train(engine, config, state, guard)
     except UserError as error:
         _error(error)

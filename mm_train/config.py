@@ -38,7 +38,8 @@ FEATURES = (model, precision, training, optimizer, recompute, parallel, fused_ke
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything one run is configured with (see each feature module for its fields)."""
+    """Everything one run is configured with (see each feature module for its fields). ``notices``: the
+    lines printed at start-up (flags without effect here and why, substitutions such as gloo for nccl)."""
 
     model: model.ModelConfig
     precision: precision.PrecisionConfig
@@ -54,12 +55,15 @@ class RunConfig:
     checkpoint: checkpointing.CheckpointConfig
     resilience: resilience.ResilienceConfig
     logging: logging.LoggingConfig
-    inactive_flags: tuple[str, ...] = ()
     multimodal: multimodal.MultimodalConfig | None = None
+    notices: tuple[str, ...] = ()
 
     def record(self) -> dict:
-        """This configuration as plain values (dicts, lists, str, numbers, None), e.g. for a checkpoint."""
-        return _plain(dataclasses.asdict(self))
+        """This configuration as plain values (dicts, lists, str, numbers, None), e.g. for a checkpoint
+        (the start-up notices left out)."""
+        record = _plain(dataclasses.asdict(self))
+        record.pop("notices")
+        return record
 
 
 def _plain(value):
@@ -82,9 +86,9 @@ def build_config(args: argparse.Namespace, launch: Launch) -> RunConfig:
     """
     world = launch.world_size
     compat.check(args)
+    model.check_required(args)
     files = multimodal.read_files(args)
     ignored = multimodal.fill_defaults(args, files) if files is not None else ()
-    model.require_sizes(args)
     if files is None:
         fsdp2.check(args, world)
     else:
@@ -124,6 +128,7 @@ def build_config(args: argparse.Namespace, launch: Launch) -> RunConfig:
         checkpoint=checkpointing.to_config(args),
         resilience=resilience.to_config(args),
         logging=logging.to_config(args),
-        inactive_flags=compat.inactive_flags_used(args) + ignored,
         multimodal=multimodal.to_config(args, files) if files is not None else None,
+        notices=tuple(compat.notices(args) + multimodal.notices(ignored) + parallel.notices(args, launch)
+                      + model.notices(args) + fused_kernels.notices(args) + moe.notices(args)),
     )

@@ -121,7 +121,8 @@ def test_the_model_fills_the_size_flags_and_fsdp2_is_implied(workdir, monkeypatc
     model = config.model
     assert (model.num_layers, model.hidden_size, model.num_attention_heads, model.num_query_groups,
             model.ffn_hidden_size) == (2, 64, 4, 2, 128)
-    assert config.inactive_flags == ("--hidden-size 4096", "--use-distributed-optimizer")
+    assert config.notices == ("no effect with --mm-model (the model configuration decides): --hidden-size 4096 "
+                              "--use-distributed-optimizer",)
     assert config.checkpoint.ckpt_format == "torch_dcp"
     assert config.fsdp2.sharding.param_dtype == torch.bfloat16
     assert config.multimodal.fused == {"rms_norm": True, "swiglu": True, "moe_permute": False}

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -175,6 +174,8 @@ def load_fsdp2_config(path: str | Path) -> FSDP2Config:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--fsdp2-config-path {path}: no such file")
+    import yaml  # only FSDP2 runs read YAML
+
     try:
         return parse_fsdp2_config(yaml.safe_load(path.read_text()))
     except yaml.YAMLError as error:

@@ -4,7 +4,8 @@ megatron-core through :mod:`mm_kernels.integrations.megatron`:
 
 - RMSNorm through the layer spec (megatron-core's seam; :func:`norm_module`), for every layer's norms
   and the final norm;
-- SwiGLU (``bias_swiglu_impl``, used with ``bias_activation_fusion``) and MoE permute/unpermute by
+- SwiGLU (megatron-core's fused entry points, used with ``bias_activation_fusion``: dense and shared-expert
+  MLPs, and the probability-weighted activation of the MoE experts) and MoE permute/unpermute by
   replacing megatron-core's functions (:func:`apply`), as megatron-core has no spec seam for them.
 
 Off, megatron-core's reference implementations run.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from mm_kernels.integrations.megatron import FusedKernelPatch, MegatronFusedRMSNorm, apply_fused_kernels
 from mm_train.errors import ConfigError
+from mm_train.features.model import uses_transformer_engine
 from mm_train.features.moe import MoEConfig
 
 
@@ -43,13 +45,22 @@ def check(args: argparse.Namespace) -> None:
         raise ConfigError("--use-fused-swiglu needs --swiglu")
 
 
+def notices(args: argparse.Namespace) -> list[str]:
+    """With Transformer Engine's layer spec, its own fused RMSNorm (inside its fused linear layers) runs."""
+    if args.use_fused_rmsnorm and uses_transformer_engine(args):
+        return ["--use-fused-rmsnorm: Transformer Engine's fused RMSNorm runs (--transformer-impl transformer_engine "
+                "fuses the norms into its linear layers); mm_kernels' norm goes in with --transformer-impl local"]
+    return []
+
+
 def to_config(args: argparse.Namespace) -> FusedKernelsConfig:
-    """The :class:`FusedKernelsConfig` of the (checked) flags."""
-    return FusedKernelsConfig(rmsnorm=args.use_fused_rmsnorm, swiglu=args.use_fused_swiglu)
+    """The :class:`FusedKernelsConfig` of the (checked) flags; the norm stays Transformer Engine's with its spec."""
+    return FusedKernelsConfig(rmsnorm=args.use_fused_rmsnorm and not uses_transformer_engine(args),
+                              swiglu=args.use_fused_swiglu)
 
 
 def norm_module(kernels: FusedKernelsConfig) -> type | None:
-    """The norm module class for megatron-core's layer spec with --use-fused-rmsnorm; None (keep the
+    """The norm module class for megatron-core's local layer spec with --use-fused-rmsnorm; None (keep the
     trainer's torch norm) without it."""
     return MegatronFusedRMSNorm if kernels.rmsnorm else None
 

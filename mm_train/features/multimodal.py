@@ -146,6 +146,9 @@ def fill_defaults(args: argparse.Namespace, files: MultimodalFiles) -> tuple[str
     ignored += [flag(dest) for dest in _FSDP2_DOES if vars(args)[dest]]
     if args.mm_tool:
         ignored.append("--mm-tool")
+    if args.tokenizer_type != "ByteTokenizer":
+        ignored.append(f"--tokenizer-type {args.tokenizer_type}")
+        args.tokenizer_type = "ByteTokenizer"   # the tokenizer comes from the data configuration
     ignored += [f"model.{item}" for item in files.model.unused]
     heads = text["num_attention_heads"]
     rope = text.get("rope_parameters") or {}
@@ -171,6 +174,12 @@ def fill_defaults(args: argparse.Namespace, files: MultimodalFiles) -> tuple[str
         args.calculate_per_sample_loss = mode == "per_sample"
         args.calculate_per_token_loss = mode == "per_token"
     return tuple(ignored)
+
+
+def notices(ignored: tuple[str, ...]) -> list[str]:
+    """One line naming what :func:`fill_defaults` found without effect on the multimodal path; none when
+    there is nothing."""
+    return [f"no effect with --mm-model (the model configuration decides): {' '.join(ignored)}"] if ignored else []
 
 
 _REFUSED = (("tensor_model_parallel_size", 1, "tensor parallelism"),

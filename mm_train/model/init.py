@@ -65,11 +65,12 @@ def full_shape(param: torch.nn.Parameter, tp_size: int) -> list[int]:
 
 
 def draw_full(name: str, shape: list[int], seed: int, config: TransformerConfig) -> torch.Tensor:
-    """The full fp32 value of parameter ``name``: norm weights 1, biases 0, projections into the
-    residual stream N(0, std / sqrt(2 * layers)), other weights N(0, std)."""
-    if name.endswith(".bias"):
+    """The full fp32 value of parameter ``name``: norm weights 1 (also Transformer Engine's norms fused
+    into a linear layer, ``layer_norm_weight``), biases 0, projections into the residual stream
+    N(0, std / sqrt(2 * layers)), other weights N(0, std)."""
+    if name.endswith((".bias", "layer_norm_bias")):
         return torch.zeros(shape)
-    if "layernorm" in name or name.endswith("norm.weight"):
+    if "layernorm" in name or name.endswith(("norm.weight", "layer_norm_weight")):
         return torch.ones(shape)
     std = config.init_method_std
     if name.endswith(_SCALED_INIT):
