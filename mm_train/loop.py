@@ -56,20 +56,27 @@ class _Interval:
     clock: IntervalClock = field(default_factory=IntervalClock)
     iterations: int = 0
     loss_sum: float = 0.0
+    losses: int = 0
     tokens: int = 0
     skipped: int = 0
     nan: int = 0
     aux_sums: dict[str, float] = field(default_factory=dict)
 
     def add(self, result: StepResult) -> None:
+        """Counts one iteration. As in Megatron-LM, the loss of an iteration whose update was skipped (fp16
+        overflow) is left out of the mean and counted as a nan iteration when it is not finite."""
         self.iterations += 1
         self.tokens += result.tokens
         self.skipped += int(not result.updated)
         for name, value in result.aux_losses.items():
             self.aux_sums[name] = self.aux_sums.get(name, 0.0) + value
-        if result.loss is not None:
-            self.nan += int(not np.isfinite(result.loss))
+        if result.loss is None:
+            return
+        if result.updated:
             self.loss_sum += result.loss
+            self.losses += 1
+        else:
+            self.nan += int(not np.isfinite(result.loss))
 
     def stats(self, state: TrainingState, config: RunConfig, result: StepResult, learning_rate: float,
               flops_per_iteration: float | None) -> IterationStats:
@@ -78,7 +85,7 @@ class _Interval:
         losses = {}
         if config.logging.log_tps:
             losses["tokens per sample"] = self.tokens / (self.iterations * training.global_batch_size)
-        losses["lm loss"] = self.loss_sum / self.iterations
+        losses["lm loss"] = self.loss_sum / max(1, self.losses)
         losses.update({name: total / self.iterations for name, total in self.aux_sums.items()})
         throughput = None
         if flops_per_iteration is not None:

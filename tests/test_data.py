@@ -27,7 +27,7 @@ from mm_train.data import (
 from mm_train.data.documents import IndexedDocuments, InMemoryDocuments, indexed_dataset_module, split_ranges
 from mm_train.data.loader import build_sample_streams, consumed_valid_samples
 from mm_train.data.samples import BlendedStream, DocumentStream, PackedStream
-from mm_train.errors import ConfigError
+from mm_train.errors import ConfigError, DataError
 from mm_train.features import data as data_feature
 from mm_train.features.context_parallel import ContextParallelConfig, sequence_multiple
 from mm_train.features.data import DataConfig
@@ -458,9 +458,10 @@ def test_tokens_outside_the_vocabulary_are_reported(tmp_path):
     builder = module.IndexedDatasetBuilder(module.get_bin_path(prefix), dtype=np.uint16)
     builder.add_document(np.arange(300, 340), [40])
     builder.finalize(module.get_idx_path(prefix))
-    config = make_config("--data-path", prefix, "--split", "1")
+    config = make_config("--data-path", prefix, "--split", "1", "--num-workers", "1")
     train, _ = build_data_iterators(config, tokenizer_of(config), 0, 0, 1)
-    with pytest.raises(ValueError, match="outside the vocabulary of 258"):
+    with pytest.raises(DataError, match=r"^token id 3\d\d of --data-path is outside the vocabulary of 258: was "
+                                        r"the data built with another tokenizer\?$"):
         next(train)
 
 

@@ -23,7 +23,7 @@ import torch
 
 from mm_kernels.parallel import RING, ULYSSES, cp_attention
 from mm_train.checkpoint.compatibility import model_differences
-from mm_train.checkpoint.state import TrainingState
+from mm_train.checkpoint.state import TrainingState, read_file
 from mm_train.cli import build_parser, main, parse_args
 from mm_train.config import build_config
 from mm_train.data.documents import check_indexed_files, indexed_dataset_module
@@ -107,7 +107,7 @@ def test_fp16_trains_like_fp32():
 def test_fp16_overflow_iterations_are_counted_in_the_log():
     result = run_train(TINY + ["--train-iters", "3", "--fp16"])
     lines = [line for line in result.stdout.splitlines() if ITERATION.match(line)]
-    assert len(lines) == 3 and len(losses(result)) == 3
+    assert len(lines) == 3 and losses(result) == []   # as Megatron-LM: a skipped iteration's loss is not averaged
     assert all("number of skipped iterations:   1 |" in line and "grad norm" not in line for line in lines)
 
 
@@ -142,7 +142,7 @@ def test_a_diverging_run_stops_at_the_first_non_finite_iteration_without_saving_
     assert int((save / MARKER).read_text()) == iteration - 1
     assert not (save / f"iter_{iteration:07d}").exists()
     files = list((save / f"iter_{iteration - 1:07d}").rglob("*.pt"))
-    assert files and all(_all_finite(torch.load(path, weights_only=True)) for path in files)
+    assert files and all(_all_finite(read_file(path)) for path in files)
 
 
 def test_the_nan_check_is_on_by_default():

@@ -11,7 +11,9 @@ import torch
 
 from mm_train.cli import parse_args
 from mm_train.config import build_config
+from mm_train.engines.base import StepResult
 from mm_train.launch import Launch
+from mm_train.loop import _Interval
 from mm_train.loss import micro_batch_loss
 from mm_train.model.init import tp_slice
 from mm_train.optim import ScaledParamScheduler, name_matches, param_group_overrides, warmup_samples
@@ -132,6 +134,17 @@ def test_iteration_line_is_megatron_lm_training_log():
         " elapsed time per iteration (ms): 12.5 | learning rate: 1.000000E-03 | global batch size:     8 |"
         " lm loss: 5.250000E+00 | loss scale: 65536.0 | number of skipped iterations:   2 |"
         " number of nan iterations:   0 |")
+
+
+def test_skipped_iterations_leave_the_loss_mean_as_in_megatron_lm():
+    interval = _Interval()
+    for loss, updated in ((2.0, True), (float("inf"), False), (4.0, True), (3.5, False)):
+        interval.add(StepResult(loss=loss, grad_norm=None, updated=updated, tokens=16))
+    config = run_config(["--train-iters", "4"])
+    stats = interval.stats(SimpleNamespace(iteration=4, consumed_train_samples=32), config,
+                           StepResult(loss=3.5, grad_norm=None, updated=False, tokens=16), 1e-3, None)
+    assert stats.losses["lm loss"] == 3.0
+    assert (stats.skipped_iterations, stats.nan_iterations) == (2, 1)
 
 
 def test_reference_argument_list_parses():

@@ -119,7 +119,7 @@ def save_checkpoint(root: str, state: TrainingState, stages: list, optimizer, sc
     """Writes iteration ``state.iteration`` under ``root`` atomically (collective over all ranks); the
     arguments are those of :func:`mm_train.checkpoint.torch_format.save_checkpoint`."""
     saved_layout = layout()
-    metadata = _metadata(distributed_optimizer)
+    sharding = _metadata(distributed_optimizer)
     common = {"args": megatron_args(config_record, consumed_train_samples=state.consumed_train_samples,
                                     padded_vocab_size=vocab_size, ckpt_format="torch_dist"),
               "checkpoint_version": CHECKPOINT_VERSION, "iteration": state.iteration,
@@ -127,17 +127,17 @@ def save_checkpoint(root: str, state: TrainingState, stages: list, optimizer, sc
               "layout": saved_layout}
 
     def write(staging: Path) -> None:
-        sharded = {**common, **_sharded_model(stages, metadata)}
+        sharded = {**common, **_sharded_model(stages, sharding)}
         if options.save_optim:
-            sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False, metadata=metadata)
+            sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False, metadata=sharding)
             sharded["opt_param_scheduler"] = scheduler.state_dict()
         if options.save_rng:
             sharded["rng_state"] = _rng_object([rng_state(get_cuda_rng_tracker())])
-        dist_checkpointing.save(sharded, str(staging), content_metadata=metadata)
+        dist_checkpointing.save(sharded, str(staging), content_metadata=sharding)
 
-    metadata = {"format_version": FORMAT_VERSION, "iteration": state.iteration, "layout": saved_layout,
+    manifest = {"format_version": FORMAT_VERSION, "iteration": state.iteration, "layout": saved_layout,
                 "config": config_record}
-    return save_atomically(root, state.iteration, write, metadata)
+    return save_atomically(root, state.iteration, write, manifest)
 
 
 def _read_common(directory: Path, manifest: dict | None) -> dict:
