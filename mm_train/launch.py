@@ -7,6 +7,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -100,7 +101,7 @@ def read_launch(local_rank_flag: int | None = None) -> Launch:
 def print_rank_0(text: str) -> None:
     """Prints ``text`` on global rank 0 (every process without a process group), as Megatron's print_rank_0."""
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(text, flush=True)
+        _print_line(text)
 
 
 def is_last_rank() -> bool:
@@ -112,7 +113,15 @@ def is_last_rank() -> bool:
 def print_last_rank(text: str) -> None:
     """Prints ``text`` on the last global rank, as Megatron's print_rank_last."""
     if is_last_rank():
-        print(text, flush=True)
+        _print_line(text)
+
+
+def _print_line(text: str) -> None:
+    """``text`` and its newline in one write: ranks share the launcher's stdout, and print() writes the
+    newline separately when Python's output is unbuffered (PYTHONUNBUFFERED), so lines of two ranks
+    could join (log readers such as MindSpeed-MM's post-processing then miss an iteration)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def init_process_group(launch: Launch, backend: str, timeout: timedelta) -> None:

@@ -16,7 +16,7 @@ from mm_train.data.mllm.records import read_records
 from mm_train.data.mllm.spec import AttrSpec, parse_data_config
 from mm_train.data.mllm.template import IGNORE_INDEX, TEMPLATES, RecordEncoder, budget_split
 from mm_train.errors import ConfigError, DataError
-from mm_train.features.data import DataConfig
+from mm_train.features.data import DataConfig, TokenizerConfig
 from mm_train.tiny_vlm import build
 
 ATTR = AttrSpec(messages="messages", role_tag="role", content_tag="content", user_tag="user",
@@ -171,8 +171,7 @@ def test_videos_are_refused(demo):
 
 
 def _data_config(**values) -> DataConfig:
-    base = dict(data_paths=(), data_weights=None, split=(1.0, 0.0, 0.0), tokenizer_type="ByteTokenizer",
-                tokenizer_model=None, vocab_size=None, num_workers=0, variable_seq_lengths=True, mock_data=False,
+    base = dict(data_paths=(), data_weights=None, split=(1.0, 0.0, 0.0), tokenizer=TokenizerConfig(), num_workers=0, variable_seq_lengths=True, mock_data=False,
                 seq_length=64, seed=7, micro_batch_size=2, global_batch_size=4, eval_interval=2, eval_iters=1,
                 pad_multiple=2)
     return DataConfig(**{**base, **values})

@@ -66,8 +66,9 @@ class Engine(ABC):
         """The learning rate of the schedule now."""
 
     @abstractmethod
-    def floating_point_operations(self) -> float:
-        """Floating-point operations of one iteration (forward and backward), Megatron's estimate."""
+    def floating_point_operations(self) -> float | None:
+        """Floating-point operations of one iteration (forward and backward), Megatron's estimate; None when
+        the engine has no estimate (then --log-throughput prints nothing)."""
 
     @abstractmethod
     def save(self, state: TrainingState) -> Path:

@@ -41,7 +41,7 @@ from mm_train.engines.base import Engine, StepResult
 from mm_train.engines.fsdp2 import FSDP2Optimizer
 from mm_train.errors import DataError
 from mm_train.features.context_parallel import gather_sequence
-from mm_train.launch import Launch
+from mm_train.launch import Launch, print_rank_0
 from mm_train.loss import micro_batch_loss
 from mm_train.model.hf.build import build_model
 from mm_train.model.hf.context_parallel import TextModelEntry, register_ulysses_attention
@@ -53,8 +53,7 @@ _TOKEN_IDS = ((IMAGE_PAD, "image_token_id"), (VISION_START, "vision_start_token_
 
 
 def _print0(text: str) -> None:
-    if dist.get_rank() == 0:
-        print(f"mm-train: {text}", flush=True)
+    print_rank_0(f"mm-train: {text}")
 
 
 def _check_tokens(tokenizer, hf_config: dict, path: str) -> None:
@@ -223,6 +222,11 @@ class HFEngine(Engine):
     def learning_rate(self) -> float:
         """The schedule's learning rate (before any --lr-mult)."""
         return learning_rate(self.optimizer)
+
+    def floating_point_operations(self) -> None:
+        """None: Megatron's count is a GPT's at --seq-length; a vision-language step's depends on its images
+        and its sequences' lengths (--log-throughput is named without effect at start-up)."""
+        return None
 
     def save(self, state: TrainingState) -> Path:
         """A torch_dcp checkpoint of ``state.iteration`` under --save, with the Hugging Face directory ``hf/``."""

@@ -146,6 +146,8 @@ def fill_defaults(args: argparse.Namespace, files: MultimodalFiles) -> tuple[str
     ignored += [flag(dest) for dest in _FSDP2_DOES if vars(args)[dest]]
     if args.mm_tool:
         ignored.append("--mm-tool")
+    if args.log_throughput:
+        ignored.append("--log-throughput")
     if args.tokenizer_type != "ByteTokenizer":
         ignored.append(f"--tokenizer-type {args.tokenizer_type}")
         args.tokenizer_type = "ByteTokenizer"   # the tokenizer comes from the data configuration
