@@ -8,11 +8,13 @@
 #   4. Hugging Face training steps with and without the fused kernels (mm-bench hf, when transformers
 #      is installed): the equivalence probe, the Triton kernels and the experts' grouped matmuls on CUDA;
 #   5. mm-train's one-process fault tests on the GPU (fp16 loss scaling, the NaN stop, stop signals and
-#      the time limit, whose agreement all-reduce then runs on NCCL), when pytest is installed.
-#   6. mm-bench train on the GPU (the trainer's speed features one after another, one round), and
+#      the time limit, whose agreement all-reduce then runs on NCCL), when pytest is installed;
+#   6. benchmarks/gpu_train_check.py: the tiny GPT trained on the GPU with the fused kernels, its loss
+#      curve against the CPU's ('gpu-train: ...' lines, the runs' logs in OUTPUT_DIR);
+#   7. mm-bench train on the GPU (the trainer's speed features one after another, one round), and
 #      mm-train with --use-flash-attn and attention dropout (the Triton kernel's fused dropout under
 #      megatron's CUDA RNG tracker).
-# Each step has a time limit (about 6 minutes in all on one H200, 11 at most); a failing step does not
+# Each step has a time limit (16 minutes at most in all); a failing step does not
 # stop the next ones, and the exit status is 1 if any failed. Logs, tables and JSON go to OUTPUT_DIR.
 # Usage: bash benchmarks/gpu.sh [OUTPUT_DIR]   (default runs/gpu-bench); PYTHON=... picks the interpreter.
 set -uo pipefail
@@ -63,7 +65,8 @@ if "$PYTHON" -c "import pytest" 2>/dev/null; then
   step "trainer faults" 120 trainer-faults.txt "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/test_train_faults.py -m slow -k "fp16 or diverging or stop_signal or time_limit"
 fi
-step "trainer speed" 120 train.txt "$PYTHON" -m mm_kernels.bench.cli train --rounds 1 --json "$out/train.json"
+step "trainer on the GPU" 120 train.txt "$PYTHON" benchmarks/gpu_train_check.py "$out"
+step "trainer speed" 120 train-speed.txt "$PYTHON" -m mm_kernels.bench.cli train --rounds 1 --json "$out/train.json"
 step "trainer flash dropout" 60 train-dropout.txt "$PYTHON" -m mm_train --num-layers 2 --hidden-size 64 \
   --num-attention-heads 4 --num-query-groups 2 --seq-length 128 --micro-batch-size 2 --global-batch-size 4 --bf16 \
   --normalization RMSNorm --swiglu --position-embedding-type rope --disable-bias-linear --attention-dropout 0.1 \

@@ -22,6 +22,7 @@ from mm_train.features import (
     logging,
     model,
     moe,
+    multimodal,
     optimizer,
     parallel,
     precision,
@@ -33,12 +34,13 @@ from mm_train.launch import Launch
 
 # Every feature of the command line, in the order of the --help groups.
 FEATURES = (model, precision, training, optimizer, recompute, parallel, fused_kernels, allocator, checkpointing,
-            resilience, logging, data, fsdp2, context_parallel, moe, compat)
+            resilience, logging, data, fsdp2, context_parallel, moe, multimodal, compat)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything one run is configured with (see each feature module for its fields)."""
+    """Everything one run is configured with (see each feature module for its fields). ``notices``: the
+    lines printed at start-up (flags without effect here and why, substitutions such as gloo for nccl)."""
 
     model: model.ModelConfig
     precision: precision.PrecisionConfig
@@ -55,11 +57,15 @@ class RunConfig:
     checkpoint: checkpointing.CheckpointConfig
     resilience: resilience.ResilienceConfig
     logging: logging.LoggingConfig
-    inactive_flags: tuple[str, ...] = ()
+    multimodal: multimodal.MultimodalConfig | None = None
+    notices: tuple[str, ...] = ()
 
     def record(self) -> dict:
-        """This configuration as plain values (dicts, lists, str, numbers, None), e.g. for a checkpoint."""
-        return _plain(dataclasses.asdict(self))
+        """This configuration as plain values (dicts, lists, str, numbers, None), e.g. for a checkpoint
+        (the start-up notices left out)."""
+        record = _plain(dataclasses.asdict(self))
+        record.pop("notices")
+        return record
 
 
 def _plain(value):
@@ -82,7 +88,13 @@ def build_config(args: argparse.Namespace, launch: Launch) -> RunConfig:
     """
     world = launch.world_size
     compat.check(args)
-    fsdp2.check(args, world)
+    model.check_required(args)
+    files = multimodal.read_files(args)
+    ignored = multimodal.fill_defaults(args, files) if files is not None else ()
+    if files is None:
+        fsdp2.check(args, world)
+    else:
+        multimodal.check(args, files, world)
     data_parallel_size = parallel.check_layout(args, world)
     model.fill_defaults(args)
     parallel.fill_defaults(args)
@@ -95,7 +107,8 @@ def build_config(args: argparse.Namespace, launch: Launch) -> RunConfig:
     training.check(args, data_parallel_size)
     optimizer.check(args)
     recompute.check(args)
-    moe.check(args, world // args.pipeline_model_parallel_size)
+    if files is None:
+        moe.check(args, world // args.pipeline_model_parallel_size)
     data.check(args)
     checkpointing.check(args)
     logging.check(args)
@@ -110,7 +123,7 @@ def build_config(args: argparse.Namespace, launch: Launch) -> RunConfig:
         parallel=parallel.to_config(args, launch, data_parallel_size),
         context_parallel=cp,
         moe=moe.to_config(args),
-        fsdp2=fsdp2.to_config(args, world),
+        fsdp2=fsdp2.to_config(args, world) if files is None else multimodal.fsdp2_settings(args, world),
         fused_kernels=fused_kernels.to_config(args),
         allocator=allocator.to_config(args),
         recompute=recompute.to_config(args),
@@ -118,5 +131,7 @@ def build_config(args: argparse.Namespace, launch: Launch) -> RunConfig:
         checkpoint=checkpointing.to_config(args),
         resilience=resilience.to_config(args),
         logging=logging.to_config(args),
-        inactive_flags=compat.inactive_flags_used(args),
+        multimodal=multimodal.to_config(args, files) if files is not None else None,
+        notices=tuple(compat.notices(args) + multimodal.notices(ignored) + parallel.notices(args, launch)
+                      + model.notices(args) + fused_kernels.notices(args) + moe.notices(args)),
     )

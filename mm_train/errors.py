@@ -16,4 +16,5 @@ class CheckpointError(UserError, RuntimeError):
 
 
 class DataError(UserError, ValueError):
-    """A data file that cannot be read (missing, empty, truncated, not what it should be)."""
+    """A data file or record that cannot be used (missing, empty, truncated, unreadable, not what it
+    should be, a malformed record)."""

@@ -3,7 +3,11 @@ NPUS_PER_NODE), the one device detection of the trainer, and the process group."
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -44,12 +48,26 @@ def int_env(name: str, low: int, high: int | None) -> int | None:
     return value
 
 
+@functools.cache
+def _ascend_npu() -> bool:
+    """True when torch_npu is installed and sees an NPU. torch_npu is imported first (it adds ``torch.npu``),
+    and then, as MindSpeed does, ``torch_npu.contrib.transfer_to_npu``, which redirects megatron-core's
+    ``torch.cuda`` calls and ``"cuda"`` devices to the NPU."""
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    importlib.import_module("torch_npu")
+    if not torch.npu.is_available():
+        return False
+    importlib.import_module("torch_npu.contrib.transfer_to_npu")
+    return True
+
+
 def device_type() -> str:
-    """'cuda' or 'npu' when such a device is usable, else 'cpu'."""
+    """'npu' (Ascend, checked first: torch_npu redirects torch.cuda), 'cuda', or 'cpu'."""
+    if _ascend_npu():
+        return "npu"
     if torch.cuda.is_available():
         return "cuda"
-    if hasattr(torch, "npu") and torch.npu.is_available():
-        return "npu"
     return "cpu"
 
 
@@ -64,16 +82,46 @@ def collective_device() -> torch.device:
     return torch.device("npu", torch.npu.current_device())
 
 
-def read_launch() -> Launch:
-    """The layout torchrun (or a plain single-process start) put in RANK/WORLD_SIZE/LOCAL_RANK."""
+def read_launch(local_rank_flag: int | None = None) -> Launch:
+    """The layout torchrun (or a plain single-process start) put in RANK/WORLD_SIZE/LOCAL_RANK;
+    ``local_rank_flag`` (``--local-rank``, what ``python -m torch.distributed.launch`` passes) is used
+    when LOCAL_RANK is not set."""
     world_size = int_env("WORLD_SIZE", 1, None) or 1
     rank = int_env("RANK", 0, None) or 0
-    local_rank = int_env("LOCAL_RANK", 0, None) or 0
+    local_rank = int_env("LOCAL_RANK", 0, None)
+    if local_rank is None:
+        local_rank = local_rank_flag or 0
     devices_per_node = int_env("NPUS_PER_NODE", 1, None)
     local_world = int_env("LOCAL_WORLD_SIZE", 1, None)
     if devices_per_node is not None and local_world is not None and local_world > devices_per_node:
         raise ConfigError(f"LOCAL_WORLD_SIZE={local_world} processes on this node but NPUS_PER_NODE={devices_per_node}")
     return Launch(rank, world_size, local_rank, device_type())
+
+
+def print_rank_0(text: str) -> None:
+    """Prints ``text`` on global rank 0 (every process without a process group), as Megatron's print_rank_0."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        _print_line(text)
+
+
+def is_last_rank() -> bool:
+    """True on the last global rank (it holds the loss under pipeline parallelism), or without a process group."""
+    return not torch.distributed.is_initialized() or (
+        torch.distributed.get_rank() == torch.distributed.get_world_size() - 1)
+
+
+def print_last_rank(text: str) -> None:
+    """Prints ``text`` on the last global rank, as Megatron's print_rank_last."""
+    if is_last_rank():
+        _print_line(text)
+
+
+def _print_line(text: str) -> None:
+    """``text`` and its newline in one write: ranks share the launcher's stdout, and print() writes the
+    newline separately when Python's output is unbuffered (PYTHONUNBUFFERED), so lines of two ranks
+    could join (log readers such as MindSpeed-MM's post-processing then miss an iteration)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def init_process_group(launch: Launch, backend: str, timeout: timedelta) -> None:

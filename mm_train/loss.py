@@ -34,13 +34,13 @@ def micro_batch_loss(mode: str, loss_mask: torch.Tensor, token_loss: torch.Tenso
     if mode == "per_sample":
         sample_means = losses.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         value = sample_means.sum()
-        divisor = torch.tensor(mask.shape[0], dtype=torch.int)
+        divisor = torch.tensor(mask.shape[0], dtype=torch.int, device=mask.device)
         report = torch.stack([value.detach(), divisor.float()])
     else:
         value = losses.sum()
         divisor = mask.sum().to(torch.int)
         if mode == "token_mean":
-            report = torch.stack([value.detach() / divisor.clamp(min=1), torch.ones(())])
+            report = torch.stack([value.detach() / divisor.clamp(min=1), torch.ones((), device=mask.device)])
         else:
             report = torch.stack([value.detach(), divisor.float()])
     return value, divisor, {"lm loss": report}

@@ -27,6 +27,7 @@ from mm_train.data import (
 from mm_train.data.documents import IndexedDocuments, InMemoryDocuments, indexed_dataset_module, split_ranges
 from mm_train.data.loader import build_sample_streams, consumed_valid_samples
 from mm_train.data.samples import BlendedStream, DocumentStream, PackedStream
+from mm_train.errors import ConfigError, DataError
 from mm_train.features import data as data_feature
 from mm_train.features.context_parallel import ContextParallelConfig, sequence_multiple
 from mm_train.features.data import DataConfig
@@ -58,7 +59,7 @@ def make_config(*argv: str, seq_length: int = 16, micro_batch_size: int = 2, glo
 
 
 def tokenizer_of(config: DataConfig):
-    return build_tokenizer(config.tokenizer_type, config.tokenizer_model, config.vocab_size)
+    return build_tokenizer(config.tokenizer)
 
 
 def take(iterator, count: int) -> list[dict[str, torch.Tensor]]:
@@ -129,14 +130,17 @@ def test_byte_tokenizer_vocab_size():
         tokenizer_of(make_config("--vocab-size", "100"))
 
 
-@pytest.mark.skipif(HAS_TRANSFORMERS, reason="checks the message shown when transformers is missing")
-def test_hf_tokenizer_without_transformers(tmp_path):
-    with pytest.raises(ImportError, match="transformers"):
+def test_hf_tokenizer_without_transformers(tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "transformers" else find_spec(name, *rest))
+    with pytest.raises(ConfigError, match="HuggingFaceTokenizer needs the 'transformers' package, which is not "
+                                          "installed"):
         tokenizer_of(make_config("--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path)))
 
 
 def test_hf_tokenizer_needs_local_directory(tmp_path):
-    with pytest.raises(ValueError, match="--tokenizer-model"):
+    with pytest.raises(ConfigError, match="--tokenizer-name-or-path"):
         tokenizer_of(make_config("--tokenizer-type", "HuggingFaceTokenizer"))
     with pytest.raises(ValueError, match="local directory"):
         tokenizer_of(make_config("--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
@@ -454,9 +458,10 @@ def test_tokens_outside_the_vocabulary_are_reported(tmp_path):
     builder = module.IndexedDatasetBuilder(module.get_bin_path(prefix), dtype=np.uint16)
     builder.add_document(np.arange(300, 340), [40])
     builder.finalize(module.get_idx_path(prefix))
-    config = make_config("--data-path", prefix, "--split", "1")
+    config = make_config("--data-path", prefix, "--split", "1", "--num-workers", "1")
     train, _ = build_data_iterators(config, tokenizer_of(config), 0, 0, 1)
-    with pytest.raises(ValueError, match="outside the vocabulary of 258"):
+    with pytest.raises(DataError, match=r"^token id 3\d\d of --data-path is outside the vocabulary of 258: was "
+                                        r"the data built with another tokenizer\?$"):
         next(train)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mm_train.checkpoint.atomic import TRACKER, iteration_dir, latest_iteration
-from mm_train.checkpoint.dcp import LoadedCheckpoint, load_dcp_checkpoint, save_dcp_checkpoint
+from mm_train.checkpoint.dcp import load_dcp_checkpoint, save_dcp_checkpoint
 from mm_train.errors import CheckpointError
 from mm_train.features.fsdp2 import FSDP2Config, apply_fsdp2, build_fsdp2_model_on_meta
 from mm_train.model.init import init_parameters_
@@ -123,7 +123,7 @@ def test_no_marker_means_fresh_start(tmp_path):
     assert latest_iteration(tmp_path) is None
     model = init_parameters_(ToyTransformer(), INIT)
     before = {name: p.clone() for name, p in model.named_parameters()}
-    assert load_dcp_checkpoint(tmp_path, model, None) == LoadedCheckpoint(0, 0)
+    assert load_dcp_checkpoint(tmp_path, model, None) is None
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 

@@ -46,7 +46,12 @@ FLAGS = {
     '--use-cp-send-recv-overlap', '--use-cpu-initialization', '--use-distributed-optimizer',
     '--use-flash-attn', '--use-fused-rmsnorm', '--use-fused-rotary-pos-emb', '--use-fused-swiglu',
     '--use-mcore-models', '--use-torch-fsdp2', '--variable-seq-lengths', '--vocab-size', '--weight-decay',
-    '--weight-decay-exclude-modules',
+    '--weight-decay-exclude-modules', '--local-rank', '--local_rank', '--tokenizer-name-or-path',
+    '--tokenizer-not-use-fast', '--padded-vocab-size', '--transformer-impl', '--use-rotary-position-embeddings',
+    '--no-initialization', '--optimizer-selection', '--log-tps', '--moe-layer-freq', '--first-k-dense-replace',
+    '--n-shared-experts', '--moe-shared-expert-intermediate-size', '--virtual-pipeline-model-parallel-size',
+    '--seq-aux', '--moe-router-topk-scaling-factor', '--moe-router-num-groups', '--moe-router-group-topk',
+    '--swap-attention', '--no-shared-storage', '--moe-permutation-async-comm', '--multi-latent-attention',
     '--check-for-nan-in-loss-and-grad', '--no-check-for-nan-in-loss-and-grad', '--exit-signal-handler',
     '--exit-duration-in-mins', '--initial-loss-scale', '--min-loss-scale', '--loss-scale-window', '--hysteresis',
     '--override-opt_param-scheduler', '--override-opt-param-scheduler', '--use-checkpoint-opt_param-scheduler',
@@ -63,7 +68,7 @@ def test_every_flag_is_still_accepted():
 
 # The command-line layer: the parser, the typed config, the features' flag functions, and the
 # stand-alone commands of the data package (mm-preprocess, the corpus generator).
-COMMAND_LINE = {"cli.py", "config.py", "data/preprocess.py", "data/make_corpus.py"}
+COMMAND_LINE = {"cli.py", "config.py", "data/preprocess.py", "data/make_corpus.py", "tiny_vlm.py"}
 
 
 def _command_line(path: Path) -> bool:

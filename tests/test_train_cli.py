@@ -63,7 +63,7 @@ def test_broken_checkpoint_is_reported(saved_checkpoint, tmp_path, damage):
     shutil.copytree(saved_checkpoint, broken)
     iteration = broken / "iter_0000002"
     if damage == "truncated file":
-        model_file = iteration / "mp_rank_00_000" / "model_optim_rng.pt"
+        model_file = iteration / "mp_rank_00" / "model_optim_rng.pt"
         model_file.write_bytes(model_file.read_bytes()[:1000])
         expected = "is truncated or changed"
     else:

@@ -135,14 +135,14 @@ def test_cp_reproduces_single_process_curve(reference_curve, layout):
 
 @pytest.mark.slow
 def test_cp_distributed_optimizer_resume_continues_the_curve(reference_curve, tmp_path):
-    """CP=2 shards the distributed optimizer over DP x CP: each CP rank saves and reloads its own shard."""
+    """CP=2 shards the distributed optimizer over DP x CP: megatron gathers it into one file and scatters it back."""
     flags = TINY + ["--train-iters", str(CURVE_ITERS), "--context-parallel-size", "2", "--use-distributed-optimizer",
                     "--save", str(tmp_path), "--save-interval", "2"]
     first = losses(run_train(flags + ["--exit-interval", "2"], nproc=2))
     resumed = losses(run_train(flags + ["--load", str(tmp_path)], nproc=2))
     rel_close(first + resumed, reference_curve, CURVE_RTOL)
-    assert sorted(p.name for p in (tmp_path / "iter_0000002" / "mp_rank_00_000").iterdir()) == [
-        "model_optim_rng.pt", "rank_state_dp000.pt", "rank_state_dp001.pt"]
+    assert sorted(p.name for p in (tmp_path / "iter_0000002" / "mp_rank_00").iterdir()) == [
+        "distrib_optim.pt", "model_optim_rng.pt"]
 
 
 BAD_COMBINATIONS = {

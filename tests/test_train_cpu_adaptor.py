@@ -19,7 +19,7 @@ def test_megatron_core_is_the_pinned_version():
     assert megatron.core.__version__ == "0.16.1"
 
 
-@pytest.mark.parametrize("patch", cpu_adaptor.PATCHES, ids=lambda p: p.name)
+@pytest.mark.parametrize("patch", cpu_adaptor.PATCHES + cpu_adaptor.FALLBACKS, ids=lambda p: p.name)
 def test_patch_is_still_needed(patch):
     # Fails when a megatron-core upgrade removed the failure the patch works around: delete the patch.
     assert patch.still_needed(), f"{patch.name} looks stale: {patch.fixes}"
@@ -62,5 +62,16 @@ def test_applied_adaptor_routes_cuda_calls_to_cpu():
 
 def test_adaptor_stays_off_with_an_accelerator(monkeypatch):
     monkeypatch.setattr(cpu_adaptor, "device_type", lambda: "cuda")
-    monkeypatch.setattr(cpu_adaptor, "_applied", [])
+    monkeypatch.setattr(cpu_adaptor, "_applied_patches", [])
     assert cpu_adaptor.apply_cpu_adaptor() == []
+
+
+def test_missing_packages_get_their_stand_ins_on_any_device(monkeypatch):
+    """Without Transformer Engine and grouped_gemm (as on a GPU machine that lacks them), MoE models need
+    the router GEMM and grouped GEMM stand-ins whatever the device."""
+    from megatron.core.transformer.moe import grouped_gemm_util, moe_utils
+
+    monkeypatch.setattr(cpu_adaptor, "device_type", lambda: "cuda")
+    monkeypatch.setattr(cpu_adaptor, "_applied_fallbacks", [])
+    assert cpu_adaptor.apply_package_fallbacks() == ["moe-router-gemm", "moe-grouped-gemm"]
+    assert moe_utils.te_general_gemm is None and grouped_gemm_util.ops.gmm is not None

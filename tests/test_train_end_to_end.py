@@ -37,7 +37,7 @@ def test_checkpoint_layout(reference):
     for iteration in (20, ITERS):
         directory = save / f"iter_{iteration:07d}"
         assert (directory / "manifest.json").is_file()
-        assert (directory / "mp_rank_00_000" / "model_optim_rng.pt").is_file()
+        assert (directory / "mp_rank_00" / "model_optim_rng.pt").is_file()
     assert not list(save.glob("*.tmp"))
 
 

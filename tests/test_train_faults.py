@@ -23,7 +23,7 @@ import torch
 
 from mm_kernels.parallel import RING, ULYSSES, cp_attention
 from mm_train.checkpoint.compatibility import model_differences
-from mm_train.checkpoint.state import TrainingState
+from mm_train.checkpoint.state import TrainingState, read_file
 from mm_train.cli import build_parser, main, parse_args
 from mm_train.config import build_config
 from mm_train.data.documents import check_indexed_files, indexed_dataset_module
@@ -38,7 +38,7 @@ from tests.train_runner import TINY, losses, rel_close, run_train, start_train
 ONE_PROCESS = Launch(rank=0, world_size=1, local_rank=0, device_type="cpu")
 MARKER = "latest_checkpointed_iteration.txt"
 LEARNING_RATE = re.compile(r"\| learning rate: ([0-9.E+\-]+) \|")
-ITERATION = re.compile(r"^ iteration +(\d+)/")
+ITERATION = re.compile(r"^ \[[^]]+\] iteration +(\d+)/")
 
 
 def run_config(flags: list[str]):
@@ -107,7 +107,7 @@ def test_fp16_trains_like_fp32():
 def test_fp16_overflow_iterations_are_counted_in_the_log():
     result = run_train(TINY + ["--train-iters", "3", "--fp16"])
     lines = [line for line in result.stdout.splitlines() if ITERATION.match(line)]
-    assert len(lines) == 3 and len(losses(result)) == 3
+    assert len(lines) == 3 and losses(result) == []   # as Megatron-LM: a skipped iteration's loss is not averaged
     assert all("number of skipped iterations:   1 |" in line and "grad norm" not in line for line in lines)
 
 
@@ -142,7 +142,7 @@ def test_a_diverging_run_stops_at_the_first_non_finite_iteration_without_saving_
     assert int((save / MARKER).read_text()) == iteration - 1
     assert not (save / f"iter_{iteration:07d}").exists()
     files = list((save / f"iter_{iteration - 1:07d}").rglob("*.pt"))
-    assert files and all(_all_finite(torch.load(path, weights_only=True)) for path in files)
+    assert files and all(_all_finite(read_file(path)) for path in files)
 
 
 def test_the_nan_check_is_on_by_default():
@@ -239,8 +239,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
     assert f"exiting after iteration {last}: received a stop signal on another rank" in stdout
     directory = tmp_path / "ckpt" / f"iter_{last:07d}"
     assert int((tmp_path / "ckpt" / MARKER).read_text()) == last
-    assert sorted(p.name for p in (directory / "mp_rank_00_000").iterdir()) == [
-        "model_optim_rng.pt", "rank_state_dp000.pt", "rank_state_dp001.pt"]
+    assert sorted(p.name for p in (directory / "mp_rank_00").iterdir()) == ["model_optim_rng.pt"]
 
 
 @pytest.mark.slow
@@ -288,7 +287,7 @@ def test_the_manifest_checksums_every_file(checkpoint_at_2):
 
 @pytest.mark.slow
 def test_flipped_bytes_in_a_checkpoint_file_are_one_line_naming_it(resumable):
-    model_file = resumable / "iter_0000002" / "mp_rank_00_000" / "model_optim_rng.pt"
+    model_file = resumable / "iter_0000002" / "mp_rank_00" / "model_optim_rng.pt"
     data = bytearray(model_file.read_bytes())
     middle = len(data) // 2
     data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])

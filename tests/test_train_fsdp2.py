@@ -142,9 +142,9 @@ def test_bf16_becomes_fsdp2_param_dtype(tmp_path):
     config = sharding_config(EXAMPLE_CONFIG, bf16=True, world_size=2)
     assert (config.param_dtype, config.reduce_dtype) == (torch.bfloat16, torch.float32)
     assert sharding_config(EXAMPLE_CONFIG, bf16=False, world_size=2).param_dtype is None
-    explicit = tmp_path / "fp16.yaml"
-    explicit.write_text("param_dtype: fp16\n")
-    with pytest.raises(ConfigError, match="--bf16 conflicts with param_dtype torch.float16"):
+    explicit = tmp_path / "fp32.yaml"
+    explicit.write_text("param_dtype: fp32\n")
+    with pytest.raises(ConfigError, match="--bf16 conflicts with param_dtype torch.float32"):
         sharding_config(str(explicit), bf16=True, world_size=2)
 
 

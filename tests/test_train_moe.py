@@ -143,9 +143,10 @@ def _idle_experts_on_rank1(rank: int, world_size: int) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from mm_train.platform.cpu_adaptor import apply_cpu_adaptor
+    from mm_train.platform.cpu_adaptor import apply_cpu_adaptor, apply_package_fallbacks
 
     apply_cpu_adaptor()
+    apply_package_fallbacks()
     parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=2)
     model_parallel_cuda_manual_seed(SEED)
     try:
@@ -205,7 +206,7 @@ def test_expert_parallel_reproduces_single_process_curve(reference_curve, expert
 def test_expert_parallel_resume_continues_the_curve(expert_parallel_run, tmp_path):
     curve, _, save = expert_parallel_run
     for ep_rank in (0, 1):  # each expert-parallel rank keeps its own experts
-        assert (save / "iter_0000005" / f"mp_rank_00_000_{ep_rank:03d}" / "model_optim_rng.pt").is_file()
+        assert (save / "iter_0000005" / f"mp_rank_00_{ep_rank:03d}" / "model_optim_rng.pt").is_file()
     resumed = tmp_path / "ckpt"
     shutil.copytree(save, resumed)
     (resumed / "latest_checkpointed_iteration.txt").write_text("5")

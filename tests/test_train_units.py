@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 
 from mm_train.cli import parse_args
 from mm_train.config import build_config
+from mm_train.engines.base import StepResult
 from mm_train.launch import Launch
+from mm_train.loop import _Interval
 from mm_train.loss import micro_batch_loss
 from mm_train.model.init import tp_slice
 from mm_train.optim import ScaledParamScheduler, name_matches, param_group_overrides, warmup_samples
@@ -114,13 +117,34 @@ def test_scheduler_warmup_fraction_cosine_and_lr_mult():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
 
 
-def test_iteration_line_has_megatron_fields():
-    line = iteration_line(IterationStats(3, 40, 24, 12.5, 1e-3, 8, 5.25, 0.5, 1000.0, 0, 0))
-    assert line.startswith(" iteration        3/      40 | consumed samples:           24 |")
-    for field in ("elapsed time per iteration (ms): 12.5 |", "learning rate: 1.000000E-03 |",
-                  "global batch size:     8 |", "lm loss: 5.250000E+00 |", "grad norm: 0.500 |",
-                  "tokens per second: 1000.0 |"):
-        assert field in line
+def test_iteration_line_is_megatron_lm_training_log():
+    stats = IterationStats(3, 40, 24, 12.5, 1e-3, 8, {"tokens per sample": 812.5, "lm loss": 5.25,
+                                                       "load_balancing_loss": 0.0}, 1.0, 0.5, 0, 1,
+                           throughput=1.234, timestamp=datetime(2026, 1, 2, 3, 4, 5, 123456))
+    assert iteration_line(stats) == (
+        " [2026-01-02 03:04:05.123456] iteration        3/      40 | consumed samples:           24 |"
+        " elapsed time per iteration (ms): 12.5 | throughput per GPU (TFLOP/s/GPU): 1.2 |"
+        " learning rate: 1.000000E-03 | global batch size:     8 | tokens per sample: 8.125000E+02 |"
+        " lm loss: 5.250000E+00 | loss scale: 1.0 | grad norm: 0.500 | number of skipped iterations:   0 |"
+        " number of nan iterations:   1 |")
+    plain = IterationStats(3, 40, 24, 12.5, 1e-3, 8, {"lm loss": 5.25}, 65536.0, None, 2, 0,
+                           timestamp=datetime(2026, 1, 2, 3, 4, 5))
+    assert iteration_line(plain) == (
+        " [2026-01-02 03:04:05.000000] iteration        3/      40 | consumed samples:           24 |"
+        " elapsed time per iteration (ms): 12.5 | learning rate: 1.000000E-03 | global batch size:     8 |"
+        " lm loss: 5.250000E+00 | loss scale: 65536.0 | number of skipped iterations:   2 |"
+        " number of nan iterations:   0 |")
+
+
+def test_skipped_iterations_leave_the_loss_mean_as_in_megatron_lm():
+    interval = _Interval()
+    for loss, updated in ((2.0, True), (float("inf"), False), (4.0, True), (3.5, False)):
+        interval.add(StepResult(loss=loss, grad_norm=None, updated=updated, tokens=16))
+    config = run_config(["--train-iters", "4"])
+    stats = interval.stats(SimpleNamespace(iteration=4, consumed_train_samples=32), config,
+                           StepResult(loss=3.5, grad_norm=None, updated=False, tokens=16), 1e-3, None)
+    assert stats.losses["lm loss"] == 3.0
+    assert (stats.skipped_iterations, stats.nan_iterations) == (2, 1)
 
 
 def test_reference_argument_list_parses():

@@ -34,9 +34,9 @@ def _environment(env: dict | None) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
 
 
-def run_train(args: list[str], nproc: int = 1, timeout: float = 300, env: dict | None = None):
-    """Runs ``python -m mm_train args`` (under torchrun when nproc > 1); returns the CompletedProcess."""
-    return subprocess.run(_command(args, nproc), cwd=ROOT, env=_environment(env), capture_output=True, text=True,
+def run_train(args: list[str], nproc: int = 1, timeout: float = 300, env: dict | None = None, cwd: Path = ROOT):
+    """Runs ``python -m mm_train args`` in ``cwd`` (under torchrun when nproc > 1); returns the CompletedProcess."""
+    return subprocess.run(_command(args, nproc), cwd=cwd, env=_environment(env), capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -5,7 +5,8 @@ Kernels are the modules of ``mm_kernels.bench`` that define ``KERNEL`` and ``cas
 (``mm_kernels.bench.cp``; ``mm-bench cp --help``). ``mm-bench hf [options]`` times Hugging Face training
 steps with and without the fused kernels (``mm_kernels.bench.hf``; ``mm-bench hf --help``). ``mm-bench train
 [options] [-- trainer flags]`` times mm-train's steps with its speed features on one after another
-(``mm_kernels.bench.train``; ``mm-bench train --help``).
+(``mm_kernels.bench.train``; ``mm-bench train --help``). ``mm-bench vlm [options]`` times mm-train's
+multimodal path beside a plain transformers loop (``mm_kernels.bench.vlm``).
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         from mm_kernels.bench.train import run_train_bench
 
         return run_train_bench(argv[1:])
+    if argv[:1] == ["vlm"]:
+        from mm_kernels.bench.vlm import run_vlm_bench
+
+        return run_vlm_bench(argv[1:])
     modules = kernel_modules()
     args = parse_args(argv, sorted(modules))
     names = sorted(modules) if "all" in args.kernels else args.kernels

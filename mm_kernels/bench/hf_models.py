@@ -115,11 +115,15 @@ def _config(model_type: str, size: Size):
     raise ValueError(f"unknown model type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
 
 
-def _mrope(size: Size) -> dict:
+def mrope_section(size: Size) -> list[int]:
     """Multimodal rotary sections (temporal, height, width) that add up to half the head dim."""
     half = size.hidden // size.heads // 2
     height = width = 3 * half // 8
-    return {"type": "mrope", "mrope_section": [half - height - width, height, width]}
+    return [half - height - width, height, width]
+
+
+def _mrope(size: Size) -> dict:
+    return {"type": "mrope", "mrope_section": mrope_section(size)}
 
 
 def build_model(model_type: str, size: str = "tiny", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:

@@ -23,10 +23,13 @@ megatron-core's own seam, with no patching::
 - ``rmsnorm`` (:func:`apply_fused_kernels`): for trainers that cannot pass a spec, every norm
   megatron-core builds through its torch-norm wrapper (``WrappedTorchNorm``) becomes the fused one
   when ``config.normalization == "RMSNorm"``; LayerNorm configs are left alone.
-- ``swiglu``: megatron-core's fused SwiGLU entry point (``bias_swiglu_impl``, used by the dense
-  MLP when ``bias_activation_fusion=True``; megatron has no spec seam for it) becomes
-  :func:`mm_kernels.swiglu` (``chunk(2, dim=-1)`` convention, as megatron's). Without
-  ``bias_activation_fusion`` the MLP runs megatron's reference ``silu(gate) * up``.
+- ``swiglu``: megatron-core's fused SwiGLU entry points (megatron has no spec seam for them), used
+  when ``bias_activation_fusion=True``, become :func:`mm_kernels.swiglu` (``chunk(2, dim=-1)``
+  convention, as megatron's): ``bias_swiglu_impl`` of the dense MLP and of the MoE shared experts,
+  ``weighted_bias_swiglu_impl`` (the activation times each token's routing weight) of the MoE experts
+  (``SequentialMLP`` experts and Transformer Engine's grouped experts), and the same weighted activation
+  of the legacy ``GroupedMLP`` (``--moe-grouped-gemm``), set on each instance when it is built.
+  Without ``bias_activation_fusion`` the MLP runs megatron's reference ``silu(gate) * up``.
 - ``moe_permute``: the token dispatchers' ``permute`` / ``unpermute`` (megatron-core's
   ``moe_utils`` functions, also imported by name into ``token_dispatcher``) become
   :data:`mm_kernels.ops.moe.megatron_permute` / ``megatron_unpermute`` (same signatures).
@@ -67,12 +70,15 @@ class MegatronFusedRMSNorm:
 
 
 def swap_spec_module(spec, old: type, new: type):
-    """``spec`` (a ModuleSpec, submodules dataclass or module class) with every occurrence of the module
-    class ``old`` replaced by ``new``, at any depth. The input is not modified."""
+    """``spec`` (a ModuleSpec, submodules dataclass such as a block's TransformerBlockSubmodules, a list of
+    them, or a module class) with every occurrence of the module class ``old`` replaced by ``new``, at any
+    depth. The input is not modified."""
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     if spec is old:
         return new
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(swap_spec_module(item, old, new) for item in spec)
     if isinstance(spec, ModuleSpec):
         module = new if spec.module is old else spec.module
         return dataclasses.replace(spec, module=module, submodules=swap_spec_module(spec.submodules, old, new))
@@ -135,6 +141,38 @@ def fused_bias_swiglu(input: torch.Tensor, bias: torch.Tensor | None, fp8_input_
     return swiglu(input, dim=-1)
 
 
+def fused_weighted_bias_swiglu(input: torch.Tensor, bias: torch.Tensor | None, weights: torch.Tensor,
+                               fp8_input_store: bool = False) -> torch.Tensor:
+    """Drop-in for megatron-core's ``weighted_bias_swiglu_impl``: x [..., 2F] (+ bias [2F]) and per-token
+    weights [..., 1] -> swiglu(x) * weights [..., F], in x's dtype (the product is formed in the
+    weights' dtype, fp32 for routing probabilities, as megatron's does)."""
+    from mm_kernels import swiglu
+
+    if fp8_input_store:
+        raise ValueError("fused_weighted_bias_swiglu: fp8_input_store is not supported")
+    if bias is not None:
+        input = input + bias
+    return (swiglu(input, dim=-1) * weights).to(input.dtype)
+
+
+def _fuse_grouped_mlp_activation(original_init):
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        config = self.config
+        if config.gated_linear_unit and config.activation_func is torch.nn.functional.silu \
+                and config.bias_activation_fusion:
+            self.activation_func_with_probs = _GroupedActivation()
+
+    return init
+
+
+class _GroupedActivation:
+    """GroupedMLP's ``activation_func_with_probs(x, probs)`` on :func:`fused_weighted_bias_swiglu`."""
+
+    def __call__(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        return fused_weighted_bias_swiglu(x, None, probs)
+
+
 @dataclass
 class FusedKernelPatch:
     """The patches :func:`apply_fused_kernels` installed; :meth:`restore` undoes them."""
@@ -172,8 +210,13 @@ def apply_fused_kernels(rmsnorm: bool = False, swiglu: bool = False, moe_permute
         patch.set(torch_norm.WrappedTorchNorm, "__new__", _fused_norm_new(original))
     if swiglu:
         from megatron.core.transformer import mlp
+        from megatron.core.transformer.moe import experts, shared_experts
 
         patch.set(mlp, "bias_swiglu_impl", fused_bias_swiglu)
+        patch.set(mlp, "weighted_bias_swiglu_impl", fused_weighted_bias_swiglu)
+        patch.set(shared_experts, "bias_swiglu_impl", fused_bias_swiglu)
+        patch.set(experts, "weighted_bias_swiglu_impl", fused_weighted_bias_swiglu)
+        patch.set(experts.GroupedMLP, "__init__", _fuse_grouped_mlp_activation(experts.GroupedMLP.__init__))
     if moe_permute:
         from megatron.core.transformer.moe import moe_utils, token_dispatcher
 

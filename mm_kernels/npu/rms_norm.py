@@ -1,10 +1,13 @@
 """RMSNorm on Ascend NPUs through torch_npu, same functions as ``mm_kernels.reference.rms_norm``.
 
-``torch_npu.npu_rms_norm(x, gamma, epsilon) -> (y, rstd)`` covers the llama casting with a
-weight of x's dtype and no offset (MindSpeed's fused norm); its backward is
+``torch_npu.npu_rms_norm(x, gamma, epsilon) -> (y, rstd)`` computes x * rstd * gamma in fp32 and
+rounds once. That is the gemma casting with offset 0 exactly; the llama casting (MindSpeed's fused
+norm) rounds the normalised x to x's dtype before the weight multiply, so there the kernel's result
+can differ from the reference by one unit in the last place. Both run the kernel when the weight has
+x's dtype and there is no offset; its backward is
 ``torch.ops.npu.npu_rms_norm_backward(dy, x, gamma, rstd) -> (dx, dgamma)``. Every other
-combination (no weight, gemma/none casting, an offset, a weight of another dtype) runs the
-reference functions on the NPU tensors.
+combination (no weight, none casting, an offset, a weight of another dtype) runs the reference
+functions on the NPU tensors.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ except ImportError:
     torch_npu = None
 
 def _fused(x: Tensor, weight: Tensor | None, casting: str, offset: float) -> bool:
-    return (torch_npu is not None and x.device.type == "npu" and weight is not None and casting == "llama"
-            and offset == 0.0 and weight.dtype == x.dtype)
+    return (torch_npu is not None and x.device.type == "npu" and weight is not None
+            and casting in ("llama", "gemma") and offset == 0.0 and weight.dtype == x.dtype)
 
 
 def _fused_backward_available() -> bool:

@@ -22,9 +22,10 @@ from mm_train.features.checkpointing import CheckpointConfig
 
 # Per section of RunConfig.record(): the fields a checkpoint fixes. The model section: all of its
 # fields but those that only shape training (dropout, initialisation, the sequence length and with it
-# the default position count: a learned position table's size is checked with the tensor shapes).
+# the default position count: a learned position table's size, like the vocabulary's, is checked with the
+# tensor shapes).
 MODEL_FREE_FIELDS = frozenset({"seq_length", "max_position_embeddings", "hidden_dropout", "attention_dropout",
-                               "init_method_std"})
+                               "init_method_std", "initialization", "padded_vocab_size"})
 MODEL_FIELDS = {
     "moe": ("num_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_grouped_gemm"),
     "data": ("tokenizer_type",),

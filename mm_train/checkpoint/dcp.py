@@ -6,8 +6,8 @@ Layout of ``<dir>``::
     iter_0000010/
         .metadata, __*_*.distcp          model ("model.*") and optimizer ("optim.*") via DCP
         common.pt                        iteration, consumed samples, scheduler, world size
-        rng_rank_<r>.pt                  RNG states of rank r (python, numpy, torch, accelerator,
-                                         optional Megatron RNG tracker)
+        rng_rank_<r>.pt                  RNG states of rank r, in Megatron's layout
+                                         (:func:`mm_train.checkpoint.state.rng_state`)
         manifest.json                    size and SHA-256 of every file, iteration, metadata
 
 Model and optimizer state come from torch.distributed.checkpoint.state_dict, keyed by global
@@ -15,11 +15,13 @@ parameter names, so a checkpoint written by FSDP2 at one world size loads into a
 size or into an unsharded model (DCP reshards). RNG states are per rank and only load at the
 world size they were saved at. A save is atomic (:func:`mm_train.checkpoint.atomic.save_atomically`);
 a load first checks every file against the manifest (:func:`mm_train.checkpoint.atomic.verify_files`).
-Files are read with ``torch.load(weights_only=True)``.
+Files are read with ``torch.load(weights_only=True)``. Loading prints Megatron's lines (the directory and
+iteration loaded, or the warning that there is none).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from mm_train.checkpoint import messages
 from mm_train.checkpoint.atomic import (
     all_ranks_ok,
     iteration_dir,
@@ -43,7 +46,7 @@ from mm_train.checkpoint.atomic import (
     verify_files,
     world_size,
 )
-from mm_train.checkpoint.state import rng_state, set_rng_state
+from mm_train.checkpoint.state import read_file, rng_state, set_rng_state
 from mm_train.errors import CheckpointError
 
 COMMON_FILENAME = "common.pt"
@@ -64,14 +67,17 @@ def save_dcp_checkpoint(checkpoint_dir: str | Path, iteration: int, model: nn.Mo
                         optimizer: torch.optim.Optimizer | None, *, scheduler: Any = None,
                         consumed_samples: int = 0, save_optim: bool = True, save_rng: bool = True,
                         rng_tracker: Any = None, extra: dict[str, Any] | None = None,
-                        metadata: dict[str, Any] | None = None) -> Path:
+                        metadata: dict[str, Any] | None = None,
+                        write_also: Callable[[Path], None] | None = None) -> Path:
     """Writes iteration ``iteration`` under ``checkpoint_dir`` atomically; collective over all ranks.
 
     ``model`` is the module whose ``named_parameters`` are the global names (FSDP2-sharded or
     plain); ``optimizer`` is saved unless ``save_optim`` is False (``--no-save-optim``);
     ``scheduler`` is anything with ``state_dict()``; RNG states unless ``save_rng`` is False;
     ``extra`` is a small dict of tensors/numbers/strings returned as ``LoadedCheckpoint.extra``;
-    ``metadata`` (plain JSON values, e.g. the run's configuration) goes into the manifest.
+    ``metadata`` (plain JSON values, e.g. the run's configuration) goes into the manifest;
+    ``write_also(staging)`` runs on every rank after the rest is written, to add files (e.g. a
+    Hugging Face copy of the model) that become part of the checkpoint atomically (and of its manifest).
     Returns the final iteration directory.
     """
 
@@ -94,6 +100,8 @@ def save_dcp_checkpoint(checkpoint_dir: str | Path, iteration: int, model: nn.Mo
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "extra": extra or {},
             }, staging / COMMON_FILENAME)
+        if write_also is not None:
+            write_also(staging)
 
     return save_atomically(checkpoint_dir, iteration, write,
                            {"format": FORMAT, "iteration": iteration, **(metadata or {})})
@@ -105,10 +113,7 @@ def _read_common(path: Path) -> dict[str, Any]:
     missing = [name for name in (DCP_METADATA, COMMON_FILENAME) if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {missing}")
-    try:
-        common = torch.load(path / COMMON_FILENAME, weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"{path / COMMON_FILENAME}: unreadable ({error})") from None
+    common = read_file(path / COMMON_FILENAME)
     if not isinstance(common, dict) or common.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} checkpoint")
     return common
@@ -116,11 +121,11 @@ def _read_common(path: Path) -> dict[str, Any]:
 
 def load_dcp_checkpoint(checkpoint_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                         *, scheduler: Any = None, iteration: int | None = None, load_optim: bool = True,
-                        load_rng: bool = True, rng_tracker: Any = None) -> LoadedCheckpoint:
+                        load_rng: bool = True, rng_tracker: Any = None) -> LoadedCheckpoint | None:
     """Loads a checkpoint written by :func:`save_dcp_checkpoint` in place; collective over all ranks.
 
-    ``iteration`` None means the one the marker names; with no marker nothing is loaded and
-    ``LoadedCheckpoint(0, 0)`` is returned (a fresh start, as Megatron does). ``model`` and
+    ``iteration`` None means the one the marker names; with no marker nothing is loaded and None is
+    returned after Megatron's warning (a fresh start, as Megatron does). ``model`` and
     ``optimizer`` must be built (for FSDP2: sharded and materialised) already, at any world
     size DCP can reshard to. ``load_optim``/``load_rng`` False skip those parts
     (``--no-load-optim``/``--no-load-rng``); the scheduler is restored when given and
@@ -131,7 +136,9 @@ def load_dcp_checkpoint(checkpoint_dir: str | Path, model: nn.Module, optimizer:
     if iteration is None:
         iteration = latest_iteration(checkpoint_dir)
         if iteration is None:
-            return LoadedCheckpoint(0, 0)
+            messages.no_checkpoint(checkpoint_dir)
+            return None
+    messages.loading(checkpoint_dir, iteration)
     path = iteration_dir(checkpoint_dir, iteration)
     common = _read_common(path)
     verify_files(path, required=False)  # checkpoints written before manifests existed have none
@@ -147,9 +154,9 @@ def load_dcp_checkpoint(checkpoint_dir: str | Path, model: nn.Module, optimizer:
     rng, error = None, None
     try:
         if load_rng:
-            rng = torch.load(path / f"rng_rank_{this_rank}.pt", weights_only=True)
-    except Exception as failure:
-        error = f"{path / f'rng_rank_{this_rank}.pt'}: unreadable ({type(failure).__name__})"
+            rng = read_file(path / f"rng_rank_{this_rank}.pt")
+    except CheckpointError as failure:
+        error = str(failure)
     all_ranks_ok(error)
     try:
         if load_optim:
@@ -168,4 +175,5 @@ def load_dcp_checkpoint(checkpoint_dir: str | Path, model: nn.Module, optimizer:
         set_rng_state(rng, rng_tracker)
     if scheduler is not None and load_optim and common["scheduler"] is not None:
         scheduler.load_state_dict(common["scheduler"])
+    messages.loaded(checkpoint_dir, common["iteration"], 1, 1)
     return LoadedCheckpoint(common["iteration"], common["consumed_samples"], common["extra"])

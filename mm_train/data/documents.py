@@ -7,7 +7,6 @@ int64 ids ``[offset, offset + count)`` of one document.
 from __future__ import annotations
 
 import struct
-import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -27,10 +26,9 @@ def default_corpus_path() -> Path:
 
 
 def indexed_dataset_module():
-    """megatron.core.datasets.indexed_dataset, imported without megatron's missing-accelerator warnings."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-        from megatron.core.datasets import indexed_dataset
+    """megatron.core.datasets.indexed_dataset (imported on first use: megatron-core is slow to import)."""
+    from megatron.core.datasets import indexed_dataset
+
     return indexed_dataset
 
 

@@ -23,6 +23,7 @@ from mm_train.data.documents import (
     text_file_documents,
 )
 from mm_train.data.samples import BlendedStream, DocumentStream, MockStream, PackedStream
+from mm_train.errors import DataError
 from mm_train.features.data import DataConfig
 
 TRAIN, VALID = 0, 1
@@ -74,18 +75,13 @@ class SampleDataset(torch.utils.data.Dataset):
     1.0 on real positions and 0.0 on padding; ``position_ids`` 0..length-1.
     """
 
-    def __init__(self, stream, pad_id: int, vocab_size: int, source: str) -> None:
+    def __init__(self, stream, pad_id: int) -> None:
         self._stream = stream
         self._pad_id = pad_id
-        self._vocab_size = vocab_size
-        self._source = source
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
         k, length = item
         ids = self._stream.sample(k)
-        if len(ids) and int(ids.max()) >= self._vocab_size:
-            raise ValueError(f"token id {int(ids.max())} of {self._source} is outside the vocabulary of "
-                             f"{self._vocab_size}: was the data built with another tokenizer?")
         real = len(ids) - 1
         tokens = np.full(length, self._pad_id, dtype=np.int64)
         labels = np.full(length, self._pad_id, dtype=np.int64)
@@ -179,14 +175,25 @@ def _iterate(stream, source: str, tokenizer, config: DataConfig, consumed: int, 
     sampler = GlobalBatchSampler(stream, consumed, config.seq_length, config.micro_batch_size,
                                  config.global_batch_size, dp_rank, dp_size, config.variable_seq_lengths,
                                  config.pad_multiple)
-    dataset = SampleDataset(stream, tokenizer.pad, tokenizer.vocab_size, source)
+    dataset = SampleDataset(stream, tokenizer.pad)
     # Own generator: creating the iterator must not draw from the global RNG, whose state a checkpoint
     # restores (dropout after a resume would differ from the uninterrupted run).
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
                                          persistent_workers=config.num_workers > 0,
                                          generator=torch.Generator().manual_seed(config.seed),
                                          worker_init_fn=_ignore_stop_signals)
-    return iter(loader)
+    return _within_vocabulary(loader, tokenizer.vocab_size, source)
+
+
+def _within_vocabulary(batches, vocab_size: int, source: str) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches, each checked in this process (a worker's exception would arrive as its traceback):
+    a token id the model has no embedding for is a DataError naming the data."""
+    for batch in batches:
+        top = max((int(batch[key].max()) for key in ("tokens", "labels") if batch[key].numel()), default=-1)
+        if top >= vocab_size:
+            raise DataError(f"token id {top} of {source} is outside the vocabulary of {vocab_size}: was the "
+                            "data built with another tokenizer?")
+        yield batch
 
 
 def consumed_valid_samples(config: DataConfig, consumed_train_samples: int) -> int:

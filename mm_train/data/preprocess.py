@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from mm_train.data.documents import indexed_dataset_module
-from mm_train.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
+from mm_train.data.tokenizer import build_tokenizer
+from mm_train.features.data import TokenizerConfig, add_tokenizer_arguments, check_tokenizer, tokenizer_config
 
 _worker_tokenizer = None
 
@@ -31,9 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="Keys whose text becomes documents.")
     parser.add_argument("--output-prefix", required=True,
                         help="Writes {prefix}_{key}_document.bin and .idx for each key.")
-    parser.add_argument("--tokenizer-type", default="ByteTokenizer", choices=TOKENIZER_TYPES)
-    parser.add_argument("--tokenizer-model", default=None, help="Local Hugging Face tokenizer directory.")
-    parser.add_argument("--vocab-size", type=int, default=None, help="Vocabulary size (default: the tokenizer's).")
+    add_tokenizer_arguments(parser)
     parser.add_argument("--append-eod", action="store_true", help="End every document with the eod token.")
     parser.add_argument("--workers", type=int, default=1, help="Tokenizer processes.")
     return parser
@@ -68,9 +67,9 @@ def _encode(tokenizer, json_keys: list[str], append_eod: bool, path: str, number
     return documents
 
 
-def _init_worker(tokenizer_type: str, tokenizer_model: str | None, vocab_size: int | None) -> None:
+def _init_worker(config: TokenizerConfig) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size)
+    _worker_tokenizer = build_tokenizer(config)
 
 
 def _encode_in_worker(job: tuple[list[str], bool, str, tuple[int, str]]) -> list[np.ndarray]:
@@ -89,8 +88,9 @@ def preprocess(args: argparse.Namespace) -> list[tuple[str, int, int]]:
         raise ValueError(f"--input {args.input} is not a file")
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
-    tokenizer_args = (args.tokenizer_type, args.tokenizer_model, args.vocab_size)
-    tokenizer = build_tokenizer(*tokenizer_args)
+    check_tokenizer(args)
+    config = tokenizer_config(args)
+    tokenizer = build_tokenizer(config)
     module = indexed_dataset_module()
     dtype = module.DType.optimal_dtype(tokenizer.vocab_size)
     prefixes = output_prefixes(args.output_prefix, args.json_keys)
@@ -104,7 +104,7 @@ def preprocess(args: argparse.Namespace) -> list[tuple[str, int, int]]:
             encoded = (_encode(tokenizer, *job) for job in jobs)
             _write(encoded, builders, documents, tokens)
         else:
-            with multiprocessing.Pool(args.workers, initializer=_init_worker, initargs=tokenizer_args) as pool:
+            with multiprocessing.Pool(args.workers, initializer=_init_worker, initargs=(config,)) as pool:
                 _write(pool.imap(_encode_in_worker, jobs, chunksize=64), builders, documents, tokens)
         for builder, prefix in zip(builders, prefixes, strict=True):
             builder.finalize(module.get_idx_path(prefix))

@@ -24,7 +24,8 @@ class StepResult:
         that do not, e.g. pipeline stages before the last).
     grad_norm: global L2 norm of the gradients before clipping (None when not computed).
     updated: False when the optimizer skipped the update (e.g. an fp16 overflow).
-    tokens: tokens the iteration processed over all data-parallel ranks (padding included).
+    tokens: tokens of the global batch that count in the loss (padding excluded; 0 on ranks that do not
+        hold the loss).
     loss_scale: the loss scale in effect (1.0 without dynamic loss scaling).
     aux_losses: extra losses to log as ``name: value`` (e.g. MoE load balancing).
     """
@@ -63,6 +64,11 @@ class Engine(ABC):
     @abstractmethod
     def learning_rate(self) -> float:
         """The learning rate of the schedule now."""
+
+    @abstractmethod
+    def floating_point_operations(self) -> float | None:
+        """Floating-point operations of one iteration (forward and backward), Megatron's estimate; None when
+        the engine has no estimate (then --log-throughput prints nothing)."""
 
     @abstractmethod
     def save(self, state: TrainingState) -> Path:

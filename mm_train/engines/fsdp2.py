@@ -98,29 +98,35 @@ class FSDP2Engine(GPTEngine):
                 return built[0]
 
             def full_value(name: str, shape: torch.Size) -> torch.Tensor:
+                if not config.model.initialization:  # --no-initialization: the checkpoint sets every value
+                    return torch.empty(shape)
                 return draw_full(global_name(built[0], name), list(shape), config.training.seed, transformer)
 
-            self.stage = build_fsdp2_model_on_meta(construct, fsdp2.sharding, full_value, self.launch.device)
+            self.stage = build_fsdp2_model_on_meta(construct, fsdp2.sharding, full_value, self.device)
         else:
-            self.stage = apply_fsdp2(build_model(config, transformer, vocab_size), fsdp2.sharding)
+            self.stage = apply_fsdp2(build_model(config, transformer, vocab_size, init=config.model.initialization),
+                                     fsdp2.sharding)
         if config.training.loss_mode == "per_token":
             transformer.finalize_model_grads_func = _per_token_grad_scale
-        self.model = self.stage
-        self.optimizer = FSDP2Optimizer(build_torch_optimizer(config.optimizer, self.stage.named_parameters()),
+        self.stages = self.chunks = [self.stage]
+        self.optimizer = FSDP2Optimizer(build_torch_optimizer(config.optimizer, self.stage.named_parameters(),
+                                                              fused=self.device.type != "cpu"),
                                         config.optimizer.clip_grad)
 
     def zero_grad(self) -> None:
         """Drops the gradients."""
         self.optimizer.zero_grad()
 
-    def restore(self) -> TrainingState:
+    def restore(self) -> TrainingState | None:
         """The newest torch_dcp checkpoint under --load (any world size DCP can reshard to; RNG states only
-        at the saved one); --finetune loads the weights only."""
+        at the saved one); --finetune loads the weights only; None when there is none."""
         options = self.config.checkpoint
         loaded = load_dcp_checkpoint(
             options.load, self.stage, self.optimizer.optimizer, scheduler=self.scheduler,
             load_optim=options.load_optim and not options.finetune,
             load_rng=options.load_rng and not options.finetune, rng_tracker=get_cuda_rng_tracker())
+        if loaded is None:
+            return None
         if options.finetune:
             return TrainingState()
         return TrainingState(loaded.iteration, loaded.consumed_samples)

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -67,6 +66,12 @@ class FSDP2Config:
     num_to_forward_prefetch / num_to_backward_prefetch: how many following (forward) or
         preceding (backward) FSDP units to all-gather ahead of use.
     recompute_modules: patterns of modules whose activations are recomputed in backward.
+    output_dtype: the dtype each FSDP unit's floating outputs are cast to (None: left as computed).
+    ignored_modules: patterns of modules FSDP2 leaves whole and unsynchronised on every rank
+        (frozen parts only: their gradients would not be reduced).
+    MindSpeed-MM's keys use_reentrant, align_fsdp_param_groups, reshard_local_experts and
+    moe_modules are accepted and change nothing here (recomputation is non-reentrant; experts are
+    sharded like other parameters); expert_parallel_size must be 1.
     """
 
     sharding_size: int | str = "auto"
@@ -80,6 +85,8 @@ class FSDP2Config:
     num_to_forward_prefetch: int = 0
     num_to_backward_prefetch: int = 0
     recompute_modules: tuple[str, ...] = ()
+    output_dtype: torch.dtype | None = None
+    ignored_modules: tuple[str, ...] = ()
 
 
 def _bool(key: str, value: object) -> bool:
@@ -110,6 +117,11 @@ def _dtype(key: str, value: object) -> torch.dtype | None:
     return DTYPES[value]
 
 
+def _expert_parallel(key: str, value: object) -> None:
+    if _count(key, value, 1) != 1:
+        raise FSDP2ConfigError(f"key '{key}': expert parallelism under FSDP2 is not supported, got {value}")
+
+
 def _patterns(key: str, value: object) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -130,6 +142,16 @@ _PARSERS = {
     "num_to_forward_prefetch": lambda key, value: _count(key, value, 0),
     "num_to_backward_prefetch": lambda key, value: _count(key, value, 0),
     "recompute_modules": _patterns,
+    "output_dtype": _dtype,
+    "ignored_modules": _patterns,
+}
+# MindSpeed-MM keys without an effect here: their values are checked, then dropped.
+_ACCEPTED = {
+    "use_reentrant": _bool,
+    "align_fsdp_param_groups": _bool,
+    "reshard_local_experts": _bool,
+    "moe_modules": _patterns,
+    "expert_parallel_size": _expert_parallel,
 }
 
 
@@ -139,10 +161,12 @@ def parse_fsdp2_config(raw: object) -> FSDP2Config:
         return FSDP2Config()
     if not isinstance(raw, dict):
         raise FSDP2ConfigError(f"must be a mapping of FSDP2 keys, got {type(raw).__name__}")
-    unknown = sorted(str(k) for k in raw if k not in _PARSERS)
+    unknown = sorted(str(k) for k in raw if k not in _PARSERS and k not in _ACCEPTED)
     if unknown:
-        raise FSDP2ConfigError(f"unknown key(s) {unknown}; known keys: {sorted(_PARSERS)}")
-    return FSDP2Config(**{key: _PARSERS[key](key, value) for key, value in raw.items()})
+        raise FSDP2ConfigError(f"unknown key(s) {unknown}; known keys: {sorted(_PARSERS | _ACCEPTED)}")
+    for key in _ACCEPTED.keys() & raw.keys():
+        _ACCEPTED[key](key, raw[key])
+    return FSDP2Config(**{key: _PARSERS[key](key, value) for key, value in raw.items() if key in _PARSERS})
 
 
 def load_fsdp2_config(path: str | Path) -> FSDP2Config:
@@ -150,6 +174,8 @@ def load_fsdp2_config(path: str | Path) -> FSDP2Config:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--fsdp2-config-path {path}: no such file")
+    import yaml  # only FSDP2 runs read YAML
+
     try:
         return parse_fsdp2_config(yaml.safe_load(path.read_text()))
     except yaml.YAMLError as error:
@@ -201,12 +227,31 @@ def fsdp2_device_mesh(config: FSDP2Config, world_size: int, device: str | None =
     return init_device_mesh(kind, (world_size // shard, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
 
 
+def mesh_device(mesh: DeviceMesh) -> torch.device:
+    """The device this rank's part of ``mesh`` lives on (the current accelerator, or the CPU)."""
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, getattr(torch, mesh.device_type).current_device())
+
+
 def _set_prefetch(units: list[nn.Module], forward: int, backward: int) -> None:
     for i, unit in enumerate(units):
         if forward:
             unit.set_modules_to_forward_prefetch(units[i + 1:i + 1 + forward])
         if backward:
             unit.set_modules_to_backward_prefetch(units[max(0, i - backward):i][::-1])
+
+
+def apply_recompute(model: nn.Module, config: FSDP2Config) -> None:
+    """Activation checkpointing (recomputation in backward) on the ``recompute_modules`` of ``model``."""
+    for module in select_modules(model, config.recompute_modules, "recompute_modules"):
+        checkpoint(module)
+
+
+def needs_fsdp2_on_one_rank(config: FSDP2Config) -> bool:
+    """Whether ``config`` asks FSDP2 for something besides sharding: mixed precision or CPU offload."""
+    return (config.offload_to_cpu or config.param_dtype is not None or config.reduce_dtype is not None
+            or config.output_dtype is not None)
 
 
 def apply_fsdp2(model: nn.Module, config: FSDP2Config, mesh: DeviceMesh | None = None) -> nn.Module:
@@ -218,12 +263,23 @@ def apply_fsdp2(model: nn.Module, config: FSDP2Config, mesh: DeviceMesh | None =
     :func:`fsdp2_device_mesh` over the whole default process group. Works on a model built on
     the meta device (then call ``to_empty`` and initialise; see :func:`build_fsdp2_model_on_meta`).
     Parameter names are unchanged, so names-keyed init and checkpoints see the global names.
+    Parameters of ``ignored_modules`` are left whole (moved to the mesh's device unless on meta); over
+    more than one rank they must be frozen (ConfigError), as nothing would reduce their gradients.
     """
     if mesh is None:
         mesh = fsdp2_device_mesh(config, dist.get_world_size())
+    ignored = {param for module in select_modules(model, config.ignored_modules, "ignored_modules")
+               for param in module.parameters()}
+    if mesh.size() > 1 and any(param.requires_grad for param in ignored):
+        raise ConfigError(f"FSDP2 key 'ignored_modules' {list(config.ignored_modules)} holds trainable parameters "
+                          f"whose gradients nothing would reduce over {mesh.size()} ranks: freeze them or list "
+                          "fewer modules")
+    device = mesh_device(mesh)
+    for param in ignored:
+        if not param.is_meta:
+            param.data = param.data.to(device)
     wrapped = select_modules(model, config.sub_modules_to_wrap, "sub_modules_to_wrap")
-    for module in select_modules(model, config.recompute_modules, "recompute_modules"):
-        checkpoint(module)
+    apply_recompute(model, config)
     offload = OffloadPolicy()
     if config.offload_to_cpu:
         offload = CPUOffloadPolicy(pin_memory=config.pin_memory and device_type() != "cpu")
@@ -231,8 +287,10 @@ def apply_fsdp2(model: nn.Module, config: FSDP2Config, mesh: DeviceMesh | None =
         mesh=mesh,
         reshard_after_forward=config.reshard_after_forward,
         mp_policy=MixedPrecisionPolicy(param_dtype=config.param_dtype, reduce_dtype=config.reduce_dtype,
+                                       output_dtype=config.output_dtype,
                                        cast_forward_inputs=config.cast_forward_inputs),
         offload_policy=offload,
+        ignored_params=ignored or None,
     )
     for module in reversed(wrapped):
         fully_shard(module, **shard_args)
@@ -258,10 +316,10 @@ def build_fsdp2_model_on_meta(build_model: Callable[[], nn.Module], config: FSDP
 @dataclass(frozen=True)
 class FSDP2Settings:
     """``--use-torch-fsdp2``: the YAML's sharding settings (with --bf16 applied), the file they came
-    from, and whether the model is built on the meta device."""
+    from (None: the defaults), and whether the model is built on the meta device."""
 
     sharding: FSDP2Config
-    config_path: str
+    config_path: str | None
     init_model_with_meta_device: bool
 
 
@@ -334,12 +392,18 @@ def sharding_config(path: str, bf16: bool, world_size: int) -> FSDP2Config:
     shard = config.sharding_size
     if shard != "auto" and world_size % shard:
         raise ConfigError(f"{path}: key 'sharding_size': {shard} does not divide the world size {world_size}")
-    if bf16 and config.param_dtype not in (None, torch.bfloat16):
-        raise ConfigError(f"--bf16 conflicts with param_dtype {config.param_dtype} in {path}")
     for key in ("param_dtype", "reduce_dtype"):
         if getattr(config, key) == torch.float16:
             raise ConfigError(f"{path}: key '{key}': fp16 needs loss scaling, which the FSDP2 engine does not "
                               "have: use bf16")
+    return with_bf16(config, bf16, path)
+
+
+def with_bf16(config: FSDP2Config, bf16: bool, source: str) -> FSDP2Config:
+    """``config`` with --bf16 applied: param_dtype bf16 (and reduce_dtype fp32 unless set) when it leaves
+    param_dtype null; another param_dtype conflicts (ConfigError naming ``source``)."""
+    if bf16 and config.param_dtype not in (None, torch.bfloat16):
+        raise ConfigError(f"--bf16 conflicts with param_dtype {config.param_dtype} in {source}")
     if bf16 and config.param_dtype is None:
         return dataclasses.replace(config, param_dtype=torch.bfloat16, reduce_dtype=config.reduce_dtype or torch.float32)
     return config

@@ -10,7 +10,8 @@ and how they reach megatron-core through :mod:`mm_kernels.integrations.megatron`
   and Ascend --use-flash-attn needs --attention-dropout 0;
 - RMSNorm through the layer spec (megatron-core's seam; :func:`norm_module`), for every layer's norms
   and the final norm;
-- SwiGLU (``bias_swiglu_impl``, used with ``bias_activation_fusion``) and MoE permute/unpermute by
+- SwiGLU (megatron-core's fused entry points, used with ``bias_activation_fusion``: dense and shared-expert
+  MLPs, and the probability-weighted activation of the MoE experts) and MoE permute/unpermute by
   replacing megatron-core's functions (:func:`apply`), as megatron-core has no spec seam for them.
 
 Off, megatron-core's reference implementations run.
@@ -31,6 +32,7 @@ from mm_kernels.integrations.megatron import (
 )
 from mm_kernels.integrations.megatron_attention import MegatronFlashAttention
 from mm_train.errors import ConfigError
+from mm_train.features.model import uses_transformer_engine
 from mm_train.features.moe import MoEConfig
 
 
@@ -65,15 +67,34 @@ def check(args: argparse.Namespace, device_type: str) -> None:
         raise ConfigError("--use-fused-rmsnorm needs --normalization RMSNorm")
     if args.use_fused_swiglu and not args.swiglu:
         raise ConfigError("--use-fused-swiglu needs --swiglu")
-    if args.use_flash_attn and args.attention_dropout > 0 and device_type in _NO_FUSED_DROPOUT:
+    if (args.use_flash_attn and args.attention_dropout > 0 and device_type in _NO_FUSED_DROPOUT
+            and not uses_transformer_engine(args)):
         raise ConfigError(f"--use-flash-attn with --attention-dropout {args.attention_dropout} is not supported on "
                           f"{device_type} ({_NO_FUSED_DROPOUT[device_type]}): pass --attention-dropout 0, or leave "
                           "out --use-flash-attn for megatron's attention with dropout")
 
 
+def notices(args: argparse.Namespace) -> list[str]:
+    """With Transformer Engine's layer spec, its own fused RMSNorm (inside its fused linear layers) and its
+    own fused attention run."""
+    if not uses_transformer_engine(args):
+        return []
+    lines = []
+    if args.use_fused_rmsnorm:
+        lines.append("--use-fused-rmsnorm: Transformer Engine's fused RMSNorm runs (--transformer-impl "
+                     "transformer_engine fuses the norms into its linear layers); mm_kernels' norm goes in with "
+                     "--transformer-impl local")
+    if args.use_flash_attn:
+        lines.append("--use-flash-attn: Transformer Engine's fused attention runs (--transformer-impl "
+                     "transformer_engine); mm_kernels' goes in with --transformer-impl local")
+    return lines
+
+
 def to_config(args: argparse.Namespace) -> FusedKernelsConfig:
-    """The :class:`FusedKernelsConfig` of the (checked) flags."""
-    return FusedKernelsConfig(flash_attn=args.use_flash_attn, rmsnorm=args.use_fused_rmsnorm,
+    """The :class:`FusedKernelsConfig` of the (checked) flags; attention and norm stay Transformer Engine's
+    with its spec."""
+    te = uses_transformer_engine(args)
+    return FusedKernelsConfig(flash_attn=args.use_flash_attn and not te, rmsnorm=args.use_fused_rmsnorm and not te,
                               swiglu=args.use_fused_swiglu)
 
 
@@ -83,7 +104,7 @@ def attention_layer_spec(spec: ModuleSpec, kernels: FusedKernelsConfig) -> Modul
 
 
 def norm_module(kernels: FusedKernelsConfig) -> type | None:
-    """The norm module class for megatron-core's layer spec with --use-fused-rmsnorm; None (keep the
+    """The norm module class for megatron-core's local layer spec with --use-fused-rmsnorm; None (keep the
     trainer's torch norm) without it."""
     return MegatronFusedRMSNorm if kernels.rmsnorm else None
 

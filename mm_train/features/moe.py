@@ -1,10 +1,13 @@
-"""Mixture of experts: flags, their checks, :class:`MoEConfig`, megatron-core's MoE config and local
-layer spec, the layout-independent initialisation of expert weights, and the aux-loss figures of the
-log line.
+"""Mixture of experts: flags, their checks, :class:`MoEConfig`, megatron-core's MoE config, the
+layout-independent initialisation of expert weights, and the aux-loss figures of the log line.
 
-Every MoE layer is megatron-core's ``MoELayer`` with the local (no Transformer Engine) spec:
-a top-k router, the allgather or alltoall token dispatcher, and ``SequentialMLP`` experts
-(one megatron MLP per expert) or, with ``--moe-grouped-gemm``, the legacy ``GroupedMLP``.
+Every MoE layer is megatron-core's ``MoELayer``: a top-k router (optionally group-limited), the
+allgather or alltoall token dispatcher (``alltoall_seq``, Megatron 0.12's variant, runs as alltoall),
+``SequentialMLP`` experts (one megatron MLP per expert) or, with ``--moe-grouped-gemm``, the legacy
+``GroupedMLP``, and optionally shared experts (``--n-shared-experts`` /
+``--moe-shared-expert-intermediate-size``). Which layers are MoE: ``--moe-layer-freq`` (Megatron: every
+N-th layer, or a list such as ``[0]*1+[1]*3``), or MindSpeed-LLM's ``--first-k-dense-replace K
+--moe-layer-freq F`` (layer i is MoE when i >= K and i % F == 0; ``-1 -1`` makes every layer MoE).
 Experts are sharded over ``--expert-model-parallel-size`` ranks and not over tensor
 parallelism (expert TP = 1).
 
@@ -16,15 +19,15 @@ the grouped weights hold the same numbers as the sequential ones.
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
 from mm_train.errors import ConfigError
-from mm_train.features import fields_from, flag, non_negative, positive, positive_int
+from mm_train.features import fields_from, flag, non_negative, positive, positive_int, ranged
 
 _LOCAL_EXPERT = re.compile(r"experts\.local_experts\.(\d+)\.")
 _GROUPED_WEIGHT = re.compile(r"experts\.weight([12])$")
@@ -37,13 +40,23 @@ _NEEDS_EXPERTS = (
     ("moe_expert_capacity_factor", None),
     ("moe_pad_expert_input_to_capacity", False),
     ("moe_ffn_hidden_size", None),
+    ("moe_layer_freq", 1),
+    ("first_k_dense_replace", None),
+    ("n_shared_experts", None),
+    ("moe_shared_expert_intermediate_size", None),
+    ("moe_router_topk_scaling_factor", None),
+    ("moe_router_num_groups", None),
+    ("moe_router_group_topk", None),
+    ("seq_aux", False),
 )
 
 
 @dataclass(frozen=True)
 class MoEConfig:
     """The MoE flags of a model with experts (``moe_ffn_hidden_size`` resolved to --ffn-hidden-size when
-    unset). ``moe_permute_fusion`` routes the dispatcher's permute/unpermute to mm_kernels."""
+    unset). ``moe_permute_fusion`` routes the dispatcher's permute/unpermute to mm_kernels.
+    ``moe_layer_pattern``: 1 for each MoE layer, 0 for a dense one (one entry per layer);
+    ``moe_shared_expert_intermediate_size``: FFN width of the shared experts (None: none)."""
 
     num_experts: int
     moe_ffn_hidden_size: int
@@ -57,6 +70,47 @@ class MoEConfig:
     moe_expert_capacity_factor: float | None
     moe_pad_expert_input_to_capacity: bool
     moe_token_drop_policy: str
+    moe_layer_pattern: tuple[int, ...] = ()
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_router_topk_scaling_factor: float | None = None
+    moe_router_num_groups: int | None = None
+    moe_router_group_topk: int | None = None
+
+    @property
+    def num_moe_layers(self) -> int:
+        """How many layers have experts."""
+        return sum(self.moe_layer_pattern)
+
+
+def _int_constant(node: ast.AST) -> int:
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    raise ValueError("not an integer")
+
+
+def _int_list(node: ast.AST) -> list[int]:
+    """Value of a list expression made of integer lists, + and * (Megatron's "[0]*1+[1]*3")."""
+    if isinstance(node, ast.List):
+        return [_int_constant(element) for element in node.elts]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _int_list(node.left) + _int_list(node.right)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+        if isinstance(node.left, ast.Constant):
+            return _int_list(node.right) * _int_constant(node.left)
+        return _int_list(node.left) * _int_constant(node.right)
+    raise ValueError("not a list expression")
+
+
+def layer_freq(text: str) -> int | list[int]:
+    """--moe-layer-freq: an integer, or a list expression of 0 (dense) and 1 (MoE) per layer."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return _int_list(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an integer nor a list such as [0]*1+[1]*3") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,9 +121,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--moe-router-topk", type=positive_int, default=2)
     group.add_argument("--moe-router-load-balancing-type", default="aux_loss",
                        choices=["aux_loss", "seq_aux_loss", "none"])
+    group.add_argument("--seq-aux", action="store_true", help="MindSpeed-LLM's name for seq_aux_loss balancing")
     group.add_argument("--moe-aux-loss-coeff", type=non_negative, default=0.0)
+    group.add_argument("--moe-router-topk-scaling-factor", type=positive, default=None,
+                       help="multiplies the routing weights of the top-k experts")
+    group.add_argument("--moe-router-num-groups", type=positive_int, default=None,
+                       help="group-limited routing: experts in this many groups")
+    group.add_argument("--moe-router-group-topk", type=positive_int, default=None,
+                       help="group-limited routing: top-k experts only from this many best groups")
+    group.add_argument("--moe-layer-freq", type=layer_freq, default=1,
+                       help="every N-th layer is MoE, or a list of 0/1 per layer such as [0]*1+[1]*3")
+    group.add_argument("--first-k-dense-replace", type=ranged(int, -1), default=None,
+                       help="MindSpeed-LLM: layer i is MoE when i >= K and i %% --moe-layer-freq == 0")
+    group.add_argument("--n-shared-experts", type=positive_int, default=None,
+                       help="shared experts of width N x --moe-ffn-hidden-size (unless "
+                            "--moe-shared-expert-intermediate-size)")
+    group.add_argument("--moe-shared-expert-intermediate-size", type=positive_int, default=None,
+                       help="FFN width of the shared experts")
     group.add_argument("--expert-model-parallel-size", type=positive_int, default=1)
-    group.add_argument("--moe-token-dispatcher-type", default="allgather", choices=["allgather", "alltoall"])
+    group.add_argument("--moe-token-dispatcher-type", default="allgather",
+                       choices=["allgather", "alltoall", "alltoall_seq"],
+                       help="alltoall_seq (Megatron 0.12) runs megatron-core's alltoall")
     group.add_argument("--moe-permute-fusion", action="store_true",
                        help="mm_kernels permute/unpermute in the alltoall dispatcher")
     group.add_argument("--moe-grouped-gemm", action="store_true",
@@ -104,7 +176,7 @@ def check(args: argparse.Namespace, tp_cp_dp_size: int) -> None:
     if tp > 1 and ep > 1:
         raise ConfigError("--expert-model-parallel-size > 1 with --tensor-model-parallel-size > 1 is not yet "
                           "supported by mm-train")
-    if args.moe_permute_fusion and args.moe_token_dispatcher_type != "alltoall":
+    if args.moe_permute_fusion and _dispatcher(args) != "alltoall":
         raise ConfigError("--moe-permute-fusion needs --moe-token-dispatcher-type alltoall "
                           f"(got {args.moe_token_dispatcher_type})")
     if args.moe_pad_expert_input_to_capacity and args.moe_expert_capacity_factor is None:
@@ -116,13 +188,82 @@ def check(args: argparse.Namespace, tp_cp_dp_size: int) -> None:
                           "train their linear biases (an in-place add on a tensor-parallel output fails)")
     if args.variable_seq_lengths and args.moe_token_dispatcher_type == "allgather":
         raise ConfigError("--variable-seq-lengths with --num-experts needs --moe-token-dispatcher-type alltoall")
+    _check_layer_pattern(args)
+    _check_router_groups(args)
+    for name in ("n_shared_experts", "moe_shared_expert_intermediate_size"):
+        if vars(args)[name] is not None and vars(args)[name] < 1:
+            raise ConfigError(f"{flag(name)} must be >= 1")
+
+
+def _dispatcher(args: argparse.Namespace) -> str:
+    return "alltoall" if args.moe_token_dispatcher_type == "alltoall_seq" else args.moe_token_dispatcher_type
+
+
+def _layer_pattern(args: argparse.Namespace) -> tuple[int, ...]:
+    """1 for each MoE layer (see the module doc for the two conventions)."""
+    layers, freq, first_dense = args.num_layers, args.moe_layer_freq, args.first_k_dense_replace
+    if isinstance(freq, list):
+        return tuple(freq)
+    if freq == 0:
+        raise ConfigError("--moe-layer-freq must not be 0")
+    return tuple(int(i >= (first_dense or 0) and i % freq == 0) for i in range(layers))
+
+
+def _check_layer_pattern(args: argparse.Namespace) -> None:
+    layers, pp = args.num_layers, args.pipeline_model_parallel_size
+    if isinstance(args.moe_layer_freq, list):
+        if args.first_k_dense_replace is not None:
+            raise ConfigError("--first-k-dense-replace needs an integer --moe-layer-freq")
+        if len(args.moe_layer_freq) != layers or set(args.moe_layer_freq) - {0, 1}:
+            raise ConfigError(f"--moe-layer-freq as a list needs {layers} entries of 0 (dense) or 1 (MoE), one per "
+                              "layer")
+    if args.first_k_dense_replace is not None and args.first_k_dense_replace >= layers:
+        raise ConfigError(f"--num-layers {layers} must be greater than --first-k-dense-replace "
+                          f"{args.first_k_dense_replace}")
+    pattern = _layer_pattern(args)
+    per_stage = layers // pp
+    for stage in range(pp):
+        if not any(pattern[stage * per_stage:(stage + 1) * per_stage]):
+            where = "the model" if pp == 1 else f"pipeline stage {stage} (layers {stage * per_stage} to " \
+                                                f"{(stage + 1) * per_stage - 1})"
+            raise ConfigError(f"--moe-layer-freq / --first-k-dense-replace leave no MoE layer in {where}")
+
+
+def _check_router_groups(args: argparse.Namespace) -> None:
+    groups, group_topk, experts = args.moe_router_num_groups, args.moe_router_group_topk, args.num_experts
+    if (groups is None) != (group_topk is None):
+        raise ConfigError("--moe-router-num-groups and --moe-router-group-topk go together (group-limited routing)")
+    if groups is None:
+        return
+    if groups < 1 or experts % groups:
+        raise ConfigError(f"--moe-router-num-groups {groups} must divide --num-experts {experts}")
+    if not 1 <= group_topk <= groups:
+        raise ConfigError(f"--moe-router-group-topk {group_topk} must be in [1, --moe-router-num-groups {groups}]")
+    if args.moe_router_topk > group_topk * (experts // groups):
+        raise ConfigError(f"--moe-router-topk {args.moe_router_topk} exceeds the {group_topk * (experts // groups)} "
+                          "experts of the selected groups")
+
+
+def notices(args: argparse.Namespace) -> list[str]:
+    """A line when Megatron 0.12's alltoall_seq dispatcher runs as megatron-core's alltoall."""
+    if args.num_experts is not None and args.moe_token_dispatcher_type == "alltoall_seq":
+        return ["--moe-token-dispatcher-type alltoall_seq runs megatron-core's alltoall dispatcher (it replaced "
+                "alltoall_seq after Megatron 0.12)"]
+    return []
 
 
 def to_config(args: argparse.Namespace) -> MoEConfig | None:
     """The :class:`MoEConfig` of the (checked) flags; None for a dense model."""
     if args.num_experts is None:
         return None
-    return fields_from(MoEConfig, args, moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size)
+    ffn = args.moe_ffn_hidden_size or args.ffn_hidden_size
+    shared = args.moe_shared_expert_intermediate_size
+    if shared is None and args.n_shared_experts is not None:
+        shared = args.n_shared_experts * ffn
+    balancing = "seq_aux_loss" if args.seq_aux else args.moe_router_load_balancing_type
+    return fields_from(MoEConfig, args, moe_ffn_hidden_size=ffn, moe_token_dispatcher_type=_dispatcher(args),
+                       moe_router_load_balancing_type=balancing, moe_layer_pattern=_layer_pattern(args),
+                       moe_shared_expert_intermediate_size=shared)
 
 
 def transformer_config_kwargs(moe: MoEConfig | None) -> dict:
@@ -147,15 +288,12 @@ def transformer_config_kwargs(moe: MoEConfig | None) -> dict:
         "moe_pad_expert_input_to_capacity": moe.moe_pad_expert_input_to_capacity,
         "moe_token_drop_policy": moe.moe_token_drop_policy,
         "moe_permute_fusion": False,
+        "moe_layer_freq": list(moe.moe_layer_pattern),
+        "moe_shared_expert_intermediate_size": moe.moe_shared_expert_intermediate_size,
+        "moe_router_topk_scaling_factor": moe.moe_router_topk_scaling_factor,
+        "moe_router_num_groups": moe.moe_router_num_groups,
+        "moe_router_group_topk": moe.moe_router_group_topk,
     }
-
-
-def layer_spec(moe: MoEConfig | None, normalization: str):
-    """megatron-core's local GPT layer spec, with an MoE MLP when the model has experts."""
-    if moe is None:
-        return get_gpt_layer_local_spec(normalization=normalization)
-    return get_gpt_layer_local_spec(num_experts=moe.num_experts, moe_grouped_gemm=moe.moe_grouped_gemm,
-                                    normalization=normalization)
 
 
 def is_expert_parameter(name: str) -> bool:
@@ -205,5 +343,6 @@ def aux_loss_figures(moe: MoEConfig | None, num_layers: int, num_micro_batches: 
     tracked = [names[balancing]] if balancing in names else []
     totals: dict[str, torch.Tensor] = {}
     track_moe_metrics(loss_scale=1.0 / num_micro_batches, iteration=0, total_loss_dict=totals,
-                      force_initialize=True, track_names=tracked, num_layers=num_layers)
+                      force_initialize=True, track_names=tracked, num_layers=num_layers,
+                      moe_layer_freq=list(moe.moe_layer_pattern))
     return {name: float(value) for name, value in totals.items()}

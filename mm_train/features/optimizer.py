@@ -1,6 +1,11 @@
 """The optimizer, its learning-rate and weight-decay schedule and MindSpeed-MM's parameter rules
 (``--weight-decay-exclude-modules``, ``--lr-scale-modules`` with ``--lr-mult``): flags, checks and
-:class:`OptimizerConfig`. :mod:`mm_train.optim` builds the optimizers and the schedule from it."""
+:class:`OptimizerConfig`. :mod:`mm_train.optim` builds the optimizers and the schedule from it.
+
+``--optimizer-selection`` (MindSpeed): ``fused_adamw`` and ``fused_torch_adamw`` are AdamW in the fused
+implementation the device has: megatron-core's choice (Transformer Engine's or Apex's fused Adam, else
+torch's AdamW) with megatron's optimizer, torch's fused AdamW under FSDP2 on an accelerator.
+``fused_ema_adamw`` (AdamW keeping an average of the weights) is refused."""
 
 from __future__ import annotations
 
@@ -44,12 +49,16 @@ class OptimizerConfig:
     lr_mult: float
     override_opt_param_scheduler: bool = False
     use_checkpoint_opt_param_scheduler: bool = False
+    optimizer_selection: str = "fused_adamw"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the optimizer, schedule, clipping and parameter-rule flags."""
     group = parser.add_argument_group("optimizer")
     group.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    group.add_argument("--optimizer-selection", default="fused_adamw",
+                       choices=["fused_adamw", "fused_torch_adamw", "fused_ema_adamw"],
+                       help="AdamW's implementation: the device's fused one (MindSpeed's names)")
     group.add_argument("--lr", type=non_negative, default=1e-4)
     group.add_argument("--min-lr", type=non_negative, default=0.0)
     group.add_argument("--lr-decay-style", default="linear",
@@ -86,6 +95,9 @@ def check(args: argparse.Namespace) -> None:
         raise ConfigError("--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive")
     if args.lr_mult != 1.0 and not args.lr_scale_modules:
         raise ConfigError("--lr-mult needs --lr-scale-modules naming the parameters it scales")
+    if args.optimizer_selection == "fused_ema_adamw":
+        raise ConfigError("--optimizer-selection fused_ema_adamw: AdamW with an average of the weights is not built in "
+                          "mm-train (use fused_adamw or fused_torch_adamw)")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise ConfigError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually "
                           "exclusive")

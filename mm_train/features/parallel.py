@@ -1,7 +1,11 @@
-"""The parallel layout and the process group: tensor, pipeline and data parallelism, sequence
-parallelism, megatron-core's DDP options (distributed optimizer, overlapped gradient reduction and
+"""The parallel layout and the process group: tensor, pipeline (with the interleaved schedule of virtual
+stages) and data parallelism, sequence parallelism, megatron-core's DDP options (distributed optimizer, overlapped gradient reduction and
 parameter gathering, bucket size), the process-group backend and timeout, and the environment
 variables of the reference that concern them (HCCL_CONNECT_TIMEOUT, CUDA_DEVICE_MAX_CONNECTIONS).
+
+The backend is the device's (gloo, nccl, hccl). Launch scripts say ``--distributed-backend nccl`` on
+any machine: on Ascend that is HCCL (as MindSpeed does), and on a machine without an accelerator the run
+goes on gloo with one warning line.
 
 Context and expert parallelism have their own features (:mod:`mm_train.features.context_parallel`,
 :mod:`mm_train.features.moe`); the data-parallel size is what the three leave of the world.
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from mm_train.errors import ConfigError
-from mm_train.features import fields_from, positive_int
+from mm_train.features import fields_from, non_negative_int, positive_int
 from mm_train.launch import Launch, int_env
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
@@ -37,6 +41,7 @@ class ParallelConfig:
     distributed_backend: str
     distributed_timeout_minutes: int
     timeout: timedelta
+    virtual_pipeline_model_parallel_size: int | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,9 +55,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--overlap-param-gather", action="store_true")
     group.add_argument("--ddp-bucket-size", type=positive_int, default=None,
                        help="gradient bucket size in elements (default: megatron-core's)")
+    group.add_argument("--num-layers-per-virtual-pipeline-stage", type=positive_int, default=None,
+                       help="interleaved pipeline schedule: layers per virtual stage (Megatron)")
+    group.add_argument("--virtual-pipeline-model-parallel-size", type=positive_int, default=None,
+                       help="interleaved pipeline schedule: virtual stages per pipeline rank (MindSpeed-MM)")
     group.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo", "hccl"],
-                       help="default: hccl on NPU, nccl on CUDA, gloo on CPU")
+                       help="default: hccl on NPU, nccl on CUDA, gloo on CPU; nccl means hccl on NPU and gloo "
+                            "without an accelerator")
     group.add_argument("--distributed-timeout-minutes", type=positive_int, default=10)
+    group.add_argument("--local-rank", "--local_rank", dest="local_rank", type=non_negative_int, default=None,
+                       help="set by python -m torch.distributed.launch; LOCAL_RANK wins when set")
 
 
 def check_layout(args: argparse.Namespace, world_size: int) -> int:
@@ -69,9 +81,17 @@ def check_layout(args: argparse.Namespace, world_size: int) -> int:
 
 
 def fill_defaults(args: argparse.Namespace) -> None:
-    """Sequence parallelism means nothing without tensor parallelism: off at TP 1."""
+    """Sequence parallelism means nothing without tensor parallelism: off at TP 1. The virtual pipeline
+    size from --num-layers-per-virtual-pipeline-stage (layers per rank / layers per virtual stage)."""
     if args.tensor_model_parallel_size == 1:
         args.sequence_parallel = False
+    per_stage = args.num_layers_per_virtual_pipeline_stage
+    if per_stage is not None and args.virtual_pipeline_model_parallel_size is None:
+        per_rank = args.num_layers // args.pipeline_model_parallel_size
+        if per_rank % per_stage:
+            raise ConfigError(f"--num-layers-per-virtual-pipeline-stage {per_stage} does not divide the "
+                              f"{per_rank} layers of each pipeline rank")
+        args.virtual_pipeline_model_parallel_size = per_rank // per_stage
 
 
 def check(args: argparse.Namespace) -> None:
@@ -85,6 +105,19 @@ def check(args: argparse.Namespace) -> None:
         raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer")
     if args.overlap_param_gather and not args.overlap_grad_reduce:
         raise ConfigError("--overlap-param-gather needs --overlap-grad-reduce")
+    _check_virtual_pipeline(args)
+
+
+def _check_virtual_pipeline(args: argparse.Namespace) -> None:
+    vpp, pp = args.virtual_pipeline_model_parallel_size, args.pipeline_model_parallel_size
+    if vpp is None:
+        return
+    if pp < 2:
+        raise ConfigError("the interleaved pipeline schedule (virtual pipeline stages) needs "
+                          "--pipeline-model-parallel-size >= 2")
+    if (args.num_layers // pp) % vpp:
+        raise ConfigError(f"--virtual-pipeline-model-parallel-size {vpp} does not divide the {args.num_layers // pp} "
+                          "layers of each pipeline rank")
 
 
 def check_environment(args: argparse.Namespace, launch: Launch) -> None:
@@ -100,9 +133,7 @@ def check_environment(args: argparse.Namespace, launch: Launch) -> None:
         raise ConfigError("set CUDA_DEVICE_MAX_CONNECTIONS=1 for --sequence-parallel or --overlap-grad-reduce "
                           "under tensor parallelism")
     _timeout(args)
-    backend = _backend(args, launch)
-    if launch.device_type == "cpu" and backend != "gloo":
-        raise ConfigError(f"--distributed-backend {backend} needs an accelerator; this machine has none (use gloo)")
+    _backend(args, launch)
 
 
 def _timeout(args: argparse.Namespace) -> timedelta:
@@ -114,7 +145,22 @@ def _timeout(args: argparse.Namespace) -> timedelta:
 
 
 def _backend(args: argparse.Namespace, launch: Launch) -> str:
-    return args.distributed_backend or BACKENDS[launch.device_type]
+    """The backend of the device: --distributed-backend gloo as asked, nccl or hccl mean the device's own;
+    hccl on a CUDA machine is refused."""
+    requested, native = args.distributed_backend, BACKENDS[launch.device_type]
+    if requested is None or requested == "gloo":
+        return requested or native
+    if requested == "hccl" and launch.device_type == "cuda":
+        raise ConfigError("--distributed-backend hccl needs Ascend NPUs; this machine has CUDA GPUs (use nccl)")
+    return native
+
+
+def notices(args: argparse.Namespace, launch: Launch) -> list[str]:
+    """The warning line when --distributed-backend names an accelerator's backend on a machine without one."""
+    if launch.device_type == "cpu" and args.distributed_backend in ("nccl", "hccl"):
+        return [f"warning: --distributed-backend {args.distributed_backend} needs an accelerator and this machine "
+                "has none: running on gloo"]
+    return []
 
 
 def to_config(args: argparse.Namespace, launch: Launch, data_parallel_size: int) -> ParallelConfig:
@@ -131,6 +177,7 @@ def initialize_model_parallel(parallel: ParallelConfig, context_parallel_size: i
 
     parallel_state.initialize_model_parallel(
         parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=context_parallel_size, expert_model_parallel_size=expert_model_parallel_size,
         expert_tensor_parallel_size=1 if experts else None,
         distributed_timeout_minutes=parallel.distributed_timeout_minutes)

@@ -55,6 +55,11 @@ def check(args: argparse.Namespace, data_parallel_size: int) -> None:
                           f"data-parallel size = {args.micro_batch_size} x {data_parallel_size}")
     if args.calculate_per_sample_loss and args.calculate_per_token_loss:
         raise ConfigError("--calculate-per-sample-loss and --calculate-per-token-loss are mutually exclusive")
+    micro_batches, pp = args.global_batch_size // (args.micro_batch_size * data_parallel_size), \
+        args.pipeline_model_parallel_size
+    if args.virtual_pipeline_model_parallel_size is not None and micro_batches % pp:
+        raise ConfigError(f"the interleaved pipeline schedule needs the micro-batches of an iteration ({micro_batches} "
+                          f"= global batch / (micro batch x DP)) to be a multiple of --pipeline-model-parallel-size {pp}")
 
 
 def _loss_mode(args: argparse.Namespace) -> str:

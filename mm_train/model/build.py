@@ -1,25 +1,31 @@
-"""The GPT model: megatron-core's GPTModel with the local (non-Transformer-Engine) layer spec.
+"""The GPT model: megatron-core's GPTModel, built from megatron-core's decoder block spec.
 
-The spec is where the features go in: the MoE MLP (:mod:`mm_train.features.moe`), the core
-attention (the fused one with --use-flash-attn, :mod:`mm_train.features.fused_kernels`; the
-context-parallel one, :mod:`mm_train.features.context_parallel`, with CP), and the norm of every
+The block spec (:func:`block_spec`: megatron-core's dense and MoE layers per --moe-layer-freq, the
+layers of this pipeline stage or virtual stage) is where the features go in: the core attention (the
+fused one with --use-flash-attn, :mod:`mm_train.features.fused_kernels`; the context-parallel one,
+:mod:`mm_train.features.context_parallel`, with CP) and, with the local layers, the norm of every
 layer and of the final layer: mm_kernels' fused RMSNorm with --use-fused-rmsnorm
-(:mod:`mm_train.features.fused_kernels`), else :class:`TorchNorm`. Parameters are initialised by
-:mod:`mm_train.model.init`, the same for every parallel layout.
+(:mod:`mm_train.features.fused_kernels`), else :class:`TorchNorm`. With --transformer-impl
+transformer_engine the Transformer Engine spec keeps its own fused attention and norms. Parameters
+are initialised by :mod:`mm_train.model.init`, the same for every parallel layout.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
+import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from mm_kernels.integrations.megatron import norm_block_spec
+from mm_kernels.integrations.megatron import swap_spec_module
 from mm_train.config import RunConfig
 from mm_train.features import fused_kernels, moe
 from mm_train.features.context_parallel import (
@@ -80,8 +86,10 @@ def transformer_config(config: RunConfig) -> TransformerConfig:
         fp16=precision.fp16,
         attention_softmax_in_fp32=precision.attention_softmax_in_fp32,
         calculate_per_token_loss=config.training.loss_mode == "per_token",
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         deallocate_pipeline_outputs=True,
         batch_p2p_comm=False,
+        cuda_graph_scope=[],
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
@@ -101,29 +109,54 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def build_model(config: RunConfig, transformer: TransformerConfig, vocab_size: int,
-                context_parallel: ContextParallel | None = None, init: bool = True) -> GPTModel:
-    """This rank's GPTModel stage (pre/post-processing by pipeline position), initialised by
-    :func:`mm_train.model.init.initialize` unless ``init`` is False (a model built on the meta device,
-    set later); with ``context_parallel``, its attention and rotary embedding work on CP-sharded
-    sequences."""
+def block_spec(config: RunConfig, transformer: TransformerConfig, context_parallel: ContextParallel | None,
+               vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """megatron-core's decoder block spec of this (virtual) pipeline stage, with the features' modules in."""
     model = config.model
-    layer = fused_kernels.attention_layer_spec(moe.layer_spec(config.moe, model.normalization), config.fused_kernels)
-    layer = context_parallel_layer_spec(layer, context_parallel)
-    norm = fused_kernels.norm_module(config.fused_kernels) or TorchNorm
+    local = model.transformer_impl == "local"
+    block = get_gpt_decoder_block_spec(transformer, use_transformer_engine=not local, normalization=model.normalization,
+                                       vp_stage=vp_stage)
+    if local:
+        norm = fused_kernels.norm_module(config.fused_kernels) or TorchNorm
+        block = dataclasses.replace(swap_spec_module(block, WrappedTorchNorm, norm), layer_norm=norm)
+    layers = [fused_kernels.attention_layer_spec(layer, config.fused_kernels) for layer in block.layer_specs]
+    return dataclasses.replace(block, layer_specs=[context_parallel_layer_spec(layer, context_parallel)
+                                                   for layer in layers])
+
+
+def build_model(config: RunConfig, transformer: TransformerConfig, vocab_size: int,
+                context_parallel: ContextParallel | None = None, init: bool = True,
+                vp_stage: int | None = None) -> GPTModel:
+    """This rank's GPTModel stage (virtual stage ``vp_stage`` with the interleaved schedule), on the host,
+    with pre/post-processing by pipeline position, initialised by :func:`mm_train.model.init.initialize`
+    unless ``init`` is False (a model built on the meta device, set later, or --no-initialization); with
+    ``context_parallel``, its attention and rotary embedding work on CP-sharded sequences."""
+    model = config.model
     gpt = GPTModel(
         config=transformer,
-        transformer_layer_spec=norm_block_spec(layer, transformer, norm),
+        transformer_layer_spec=block_spec(config, transformer, context_parallel, vp_stage),
         vocab_size=vocab_size,
         max_sequence_length=model.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
         share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
         position_embedding_type=model.position_embedding_type,
         rotary_percent=model.rotary_percent,
         rotary_base=model.rotary_base,
+        vp_stage=vp_stage,
     )
     use_global_rope_positions(gpt, context_parallel)
     if init:
         initialize(gpt, config.training.seed, transformer)
+    return gpt
+
+
+def to_device(gpt: GPTModel, device: torch.device) -> GPTModel:
+    """Moves a GPTModel built on the host to ``device``, with the rotary frequencies megatron-core keeps
+    in a plain attribute (``to`` does not move it)."""
+    gpt.to(device)
+    rotary = getattr(gpt, "rotary_pos_emb", None)
+    rotary = getattr(rotary, "rotary", rotary)  # the context-parallel wrapper holds megatron's embedding
+    if rotary is not None and isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
+        rotary.inv_freq = rotary.inv_freq.to(device)
     return gpt

@@ -50,6 +50,12 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+def keyed_normal(shape: list[int], std: float, seed: int, name: str) -> torch.Tensor:
+    """fp32 N(0, std) of ``shape`` drawn from a generator keyed by (seed, name): the same values in
+    every process and layout."""
+    return torch.empty(shape).normal_(0.0, std, generator=_generator(seed, name))
+
+
 def full_shape(param: torch.nn.Parameter, tp_size: int) -> list[int]:
     """Shape of the whole parameter before tensor-parallel partitioning."""
     shape = list(param.shape)
@@ -59,16 +65,17 @@ def full_shape(param: torch.nn.Parameter, tp_size: int) -> list[int]:
 
 
 def draw_full(name: str, shape: list[int], seed: int, config: TransformerConfig) -> torch.Tensor:
-    """The full fp32 value of parameter ``name``: norm weights 1, biases 0, projections into the
-    residual stream N(0, std / sqrt(2 * layers)), other weights N(0, std)."""
-    if name.endswith(".bias"):
+    """The full fp32 value of parameter ``name``: norm weights 1 (also Transformer Engine's norms fused
+    into a linear layer, ``layer_norm_weight``), biases 0, projections into the residual stream
+    N(0, std / sqrt(2 * layers)), other weights N(0, std)."""
+    if name.endswith((".bias", "layer_norm_bias")):
         return torch.zeros(shape)
-    if "layernorm" in name or name.endswith("norm.weight"):
+    if "layernorm" in name or name.endswith(("norm.weight", "layer_norm_weight")):
         return torch.ones(shape)
     std = config.init_method_std
     if name.endswith(_SCALED_INIT):
         std = std / math.sqrt(2.0 * config.num_layers)
-    return torch.empty(shape).normal_(0.0, std, generator=_generator(seed, name))
+    return keyed_normal(shape, std, seed, name)
 
 
 def tp_slice(full: torch.Tensor, param: torch.nn.Parameter, tp_rank: int, tp_size: int) -> torch.Tensor:

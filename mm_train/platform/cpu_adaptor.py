@@ -1,8 +1,12 @@
-"""Patches that let megatron-core (pinned 0.16.1) run on CPU with gloo.
+"""Patches that let megatron-core (pinned 0.16.1) run on CPU with gloo, and without its optional packages.
 
 Megatron-core hard-codes CUDA in places (device strings, the CUDA RNG tracker, dtype-name
-checks, CUDA streams, CUDA-only packages). :func:`apply_cpu_adaptor` installs one small patch per
-failure, only when the process has no CUDA or NPU device (:func:`mm_train.launch.device_type`).
+checks, CUDA streams). :func:`apply_cpu_adaptor` installs one small patch per failure
+(:data:`PATCHES`), only when the process has no CUDA or NPU device
+(:func:`mm_train.launch.device_type`). Megatron-core also calls two optional packages as if they were
+installed (Transformer Engine's GEMM in the MoE router, grouped_gemm in GroupedMLP);
+:func:`apply_package_fallbacks` stands in for them (:data:`FALLBACKS`) on any device when they are
+missing.
 What is not about the CPU goes through megatron-core's layer spec instead (the norms, see
 :mod:`mm_train.model.build`). Each :class:`Patch` names the failure it
 fixes and carries ``still_needed``, a check against the pinned megatron-core source that
@@ -221,27 +225,42 @@ PATCHES = (
           _enter_cuda_to_cpu_mode, _cuda_hard_coded),
     Patch("cpu-rng-tracker", "the model-parallel RNG tracker reads and seeds torch.cuda generators",
           _patch_rng_tracker, _rng_tracker_is_cuda),
-    Patch("moe-router-gemm", "the MoE router's gating GEMM reads moe_utils.te_general_gemm, a name only defined "
-          "when Transformer Engine imports (NameError without it)", _patch_router_gemm_fallback,
-          _router_gemm_name_undefined),
     Patch("moe-split-sizes", "moe_utils.maybe_move_tensor_to_cpu returns CPU tensors unchanged although asked for "
           "numpy, so the alltoall dispatcher passes tensor split sizes to all_to_all_single (TypeError)",
           _patch_split_sizes, _split_sizes_stay_tensors_on_cpu),
     Patch("moe-alltoall-streams", "the alltoall token dispatcher creates a torch.cuda.Stream and copies its split "
           "sizes to the host on it", _patch_alltoall_streams, _alltoall_uses_cuda_streams),
+)
+
+# Stand-ins for optional packages megatron-core uses unconditionally, on any device; still_needed is true
+# while the package is missing.
+FALLBACKS = (
+    Patch("moe-router-gemm", "the MoE router's gating GEMM reads moe_utils.te_general_gemm, a name only defined "
+          "when Transformer Engine imports (NameError without it)", _patch_router_gemm_fallback,
+          _router_gemm_name_undefined),
     Patch("moe-grouped-gemm", "GroupedMLP (--moe-grouped-gemm) needs the CUDA-only grouped_gemm package (assertion, "
           "gg.ops is None); the patch supplies its gmm as one matmul per expert", _patch_grouped_gemm,
           _grouped_gemm_missing),
 )
 
-_applied: list[str] = []
+_applied_patches: list[str] = []
+_applied_fallbacks: list[str] = []
 
 
 def apply_cpu_adaptor() -> list[str]:
-    """Applies every patch once when there is no CUDA/NPU device; returns the names applied so far."""
-    if device_type() != "cpu" or _applied:
-        return list(_applied)
-    for patch in PATCHES:
-        patch.apply()
-        _applied.append(patch.name)
-    return list(_applied)
+    """Applies every patch of :data:`PATCHES` once when there is no CUDA/NPU device; returns the names
+    applied so far."""
+    if device_type() == "cpu" and not _applied_patches:
+        for patch in PATCHES:
+            patch.apply()
+            _applied_patches.append(patch.name)
+    return list(_applied_patches)
+
+
+def apply_package_fallbacks() -> list[str]:
+    """Applies, once, each fallback of :data:`FALLBACKS` whose package is missing; returns their names."""
+    for patch in FALLBACKS:
+        if patch.name not in _applied_fallbacks and patch.still_needed():
+            patch.apply()
+            _applied_fallbacks.append(patch.name)
+    return list(_applied_fallbacks)
