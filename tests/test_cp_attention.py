@@ -239,6 +239,17 @@ def test_hybrid_groups_are_consecutive_ulysses_and_strided_ring():
         hybrid_group_ranks([0, 1, 2], 2)
 
 
+def _groups_of_two_cp_groups(rank: int, world: int) -> tuple[list[int], bool]:
+    groups = new_cp_groups([[0, 1], [2, 3]], ULYSSES)
+    return dist.get_process_group_ranks(groups.cp), groups.agreement is groups.cp
+
+
+@pytest.mark.distributed
+def test_new_cp_groups_with_a_cp_group_this_rank_is_not_in():
+    outcomes = run_ranks(_groups_of_two_cp_groups, 4, timeout=120)
+    assert outcomes == [([0, 1], True), ([0, 1], True), ([2, 3], True), ([2, 3], True)]
+
+
 def test_ulysses_head_checks():
     check_ulysses_heads(8, 2, 4)
     check_ulysses_heads(8, 8, 4)
@@ -253,7 +264,7 @@ def _agreement_on_a_side_group(rank: int, world: int) -> dict:
     separate gloo group, for groups from new_cp_groups and for a plain process group alike."""
     from mm_kernels.parallel import groups as cp_groups
 
-    cp_groups._on_gloo = lambda group: False
+    cp_groups._is_gloo = lambda backend: False
     built = new_cp_groups([list(range(world))], ULYSSES)
     plain = dist.new_group(list(range(world)))
     side = cp_groups.agreement_group(plain)

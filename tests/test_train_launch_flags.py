@@ -59,11 +59,11 @@ def test_unknown_flag_and_bad_value_are_one_line(capsys):
 
 
 def test_flags_without_effect_are_named_with_the_reason():
-    notices = config_of(["--use-flash-attn", "--swap-attention", "--shape-order", "BNSD", "--no-shared-storage",
-                         "--moe-permutation-async-comm"]).notices
-    assert len(notices) == 1
+    notices = config_of(["--use-fused-rotary-pos-emb", "--swap-attention", "--shape-order", "BNSD",
+                         "--no-shared-storage", "--moe-permutation-async-comm", "--use-flash-attn"]).notices
+    assert len(notices) == 1   # --use-flash-attn has its effect: not named
     line = notices[0]
-    assert line.startswith("no effect here: --use-flash-attn --shape-order (fused operators of")
+    assert line.startswith("no effect here: --use-fused-rotary-pos-emb --shape-order (fused operators of")
     assert "--swap-attention (memory savings only" in line and "--moe-permutation-async-comm (Ascend" in line
     assert "--no-shared-storage (one node" in line
     assert config_of([]).notices == ()

@@ -76,9 +76,11 @@ def new_cp_groups(cp_rank_lists: list[list[int]], algo: str, ulysses_degree: int
     me = dist.get_rank()
     mine: dict[str, dist.ProcessGroup | None] = {"ulysses": None, "ring": None, "ring_overlap": None}
     cp = agreement = None
+    # Decided from the backend, not from a group: a group this rank is not in has no backend to ask.
+    gloo = _is_gloo(backend or dist.get_backend())
     for cp_ranks in cp_rank_lists:
         group = dist.new_group(cp_ranks, timeout=timeout, backend=backend)
-        host = group if _on_gloo(group) else dist.new_group(cp_ranks, timeout=timeout, backend="gloo")
+        host = group if gloo else dist.new_group(cp_ranks, timeout=timeout, backend="gloo")
         if me in cp_ranks:
             cp, agreement = group, host
         ulysses_lists, ring_lists = hybrid_group_ranks(cp_ranks, degree)
@@ -98,8 +100,8 @@ def new_cp_groups(cp_rank_lists: list[list[int]], algo: str, ulysses_degree: int
     return CPGroups(cp=cp, ulysses_degree=degree, agreement=agreement, **mine)
 
 
-def _on_gloo(group: dist.ProcessGroup) -> bool:
-    return dist.get_backend(group) == "gloo"
+def _is_gloo(backend: str) -> bool:
+    return backend == "gloo"
 
 
 _lazy_groups: dict[tuple[str, int], CPGroups] = {}
@@ -114,7 +116,7 @@ def agreement_group(cp_group: dist.ProcessGroup | CPGroups | None) -> dist.Proce
     if isinstance(cp_group, CPGroups):
         return cp_group.agreement
     group = cp_group if cp_group is not None else dist.group.WORLD
-    if _on_gloo(group):
+    if _is_gloo(dist.get_backend(group)):
         return group
     if group.group_name not in _lazy_agreement:
         _lazy_agreement[group.group_name] = dist.new_group(dist.get_process_group_ranks(group), backend="gloo",
