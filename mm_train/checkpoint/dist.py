@@ -29,12 +29,8 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from mm_train.checkpoint import messages
 from mm_train.checkpoint.atomic import (
-    TRACKER,
     all_ranks_ok,
-    iteration_dir,
-    latest_iteration,
     save_atomically,
-    verify_files,
 )
 from mm_train.checkpoint.manifest import MANIFEST
 from mm_train.checkpoint.state import TrainingState, check_rng_state, rng_state, set_rng_state
@@ -43,6 +39,7 @@ from mm_train.checkpoint.torch_format import (
     adam_steps_set_aside,
     layout,
     model_keys,
+    newest_checkpoint,
     replica_rank,
 )
 from mm_train.errors import CheckpointError
@@ -169,15 +166,10 @@ def load_checkpoint(root: str, stages: list, optimizer, scheduler, options: Chec
     """Restores the newest checkpoint under ``root`` at this run's layout (collective); None, after
     Megatron's warning, when there is none. The flags' meaning is that of
     :func:`mm_train.checkpoint.torch_format.load_checkpoint`."""
-    iteration = latest_iteration(root)
-    if iteration is None:
-        messages.no_checkpoint(root)
+    newest = newest_checkpoint(root)
+    if newest is None:
         return None
-    directory = iteration_dir(root, iteration)
-    messages.loading(root, iteration)
-    if not directory.is_dir():
-        all_ranks_ok(f"{root}/{TRACKER} names iteration {iteration} but {directory} does not exist")
-    manifest = verify_files(directory, required=False)  # Megatron-LM's checkpoints have none
+    iteration, directory, manifest = newest
     error, common = None, {}
     try:
         common = _read_common(directory, manifest)

@@ -222,6 +222,22 @@ def adam_steps_set_aside(optimizer):
                 per[param]["step"] = step.clone()
 
 
+def newest_checkpoint(root: str) -> tuple[int, Path, dict | None] | None:
+    """The newest iteration under ``root`` (Megatron-LM's layout), its directory and its checked manifest
+    (None for Megatron-LM's own checkpoints, which have none), after Megatron's loading line; None, after
+    Megatron's warning, when there is none. A tracker naming a missing directory is a CheckpointError on
+    every rank (collective)."""
+    iteration = latest_iteration(root)
+    if iteration is None:
+        messages.no_checkpoint(root)
+        return None
+    directory = iteration_dir(root, iteration)
+    messages.loading(root, iteration)
+    if not directory.is_dir():
+        all_ranks_ok(f"{root}/{TRACKER} names iteration {iteration} but {directory} does not exist")
+    return iteration, directory, verify_files(directory, required=False)
+
+
 @torch.no_grad()
 def load_checkpoint(root: str, stages: list, optimizer, scheduler, options: CheckpointConfig,
                     distributed_optimizer: bool) -> TrainingState | None:
@@ -233,15 +249,10 @@ def load_checkpoint(root: str, stages: list, optimizer, scheduler, options: Chec
     iteration 0. Raises CheckpointError, on every rank, when any rank finds a problem; nothing has
     been modified then.
     """
-    iteration = latest_iteration(root)
-    if iteration is None:
-        messages.no_checkpoint(root)
+    newest = newest_checkpoint(root)
+    if newest is None:
         return None
-    directory = iteration_dir(root, iteration)
-    messages.loading(root, iteration)
-    if not directory.is_dir():
-        all_ranks_ok(f"{root}/{TRACKER} names iteration {iteration} but {directory} does not exist")
-    manifest = verify_files(directory, required=False)  # Megatron-LM's checkpoints have none
+    iteration, directory, manifest = newest
     error, main = None, {}
     try:
         main = _read(directory, manifest, stages, options, distributed_optimizer)
