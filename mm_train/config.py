@@ -102,7 +102,7 @@ def build_config(args: argparse.Namespace, launch: Launch) -> RunConfig:
     model.check(args)
     parallel.check(args)
     precision.check(args)
-    fused_kernels.check(args, launch.device_type)
+    fused_kernels.check(args)
     context_parallel.check(args)
     training.check(args, data_parallel_size)
     optimizer.check(args)
@@ -124,7 +124,7 @@ def build_config(args: argparse.Namespace, launch: Launch) -> RunConfig:
         context_parallel=cp,
         moe=moe.to_config(args),
         fsdp2=fsdp2.to_config(args, world) if files is None else multimodal.fsdp2_settings(args, world),
-        fused_kernels=fused_kernels.to_config(args),
+        fused_kernels=fused_kernels.to_config(args, launch.device_type),
         allocator=allocator.to_config(args),
         recompute=recompute.to_config(args),
         data=data.to_config(args, pad_multiple),
@@ -133,5 +133,5 @@ def build_config(args: argparse.Namespace, launch: Launch) -> RunConfig:
         logging=logging.to_config(args),
         multimodal=multimodal.to_config(args, files) if files is not None else None,
         notices=tuple(compat.notices(args) + multimodal.notices(ignored) + parallel.notices(args, launch)
-                      + model.notices(args) + fused_kernels.notices(args) + moe.notices(args)),
+                      + model.notices(args) + fused_kernels.notices(args, launch.device_type) + moe.notices(args)),
     )

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from mm_kernels.reference.attention import dropout_keep
-from mm_train.cli import main, parse_args
+from mm_train.cli import parse_args
 from mm_train.config import build_config
-from mm_train.errors import ConfigError
 from mm_train.launch import Launch
 from tests.distributed import run_ranks
 from tests.helpers import assert_close, relative_error
@@ -212,22 +211,18 @@ def test_loss_curve_matches_the_unfused_attention(precision, rtol):
     assert unfused[-1] < unfused[0] - 0.2  # it trains: the curves compared are not flat
 
 
-def test_flash_attention_with_dropout_is_refused_on_cpu(capsys):
-    assert main(TINY + ["--use-flash-attn", "--attention-dropout", "0.1"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("mm-train: error: --use-flash-attn with --attention-dropout 0.1 "
-                                                   "is not supported on cpu (ATen's CPU flash attention has no "
-                                                   "dropout)")
-
-
-@pytest.mark.parametrize("device_type", ["cuda", "npu"])
+@pytest.mark.parametrize("device_type", ["cpu", "cuda", "npu"])
 def test_flash_attention_with_dropout_by_device(device_type):
     flags = TINY + ["--use-flash-attn", "--attention-dropout", "0.1"]
-    if device_type == "cuda":
-        assert build_config(parse_args(flags), Launch(0, 1, 0, "cuda")).fused_kernels.flash_attn
-    else:
-        with pytest.raises(ConfigError, match="npu_fusion_attention draws its own dropout mask"):
-            build_config(parse_args(flags), Launch(0, 1, 0, device_type))
+    config = build_config(parse_args(flags), Launch(0, 1, 0, device_type))
+    notices = [line for line in config.notices if line.startswith("--use-flash-attn")]
+    if device_type == "cuda":   # the Triton kernel's fused dropout
+        assert config.fused_kernels.flash_attn and notices == []
+    else:   # megatron-core's attention keeps the dropout, and a start-up line says so
+        assert not config.fused_kernels.flash_attn
+        assert len(notices) == 1 and notices[0].startswith(
+            f"--use-flash-attn: megatron-core's attention runs, for --attention-dropout 0.1 on {device_type} (")
+    assert build_config(parse_args(flags[:-1] + ["0"]), Launch(0, 1, 0, device_type)).fused_kernels.flash_attn
 
 
 def test_softmax_precision_flag_reaches_megatron():

@@ -7,7 +7,8 @@ and how they reach megatron-core through :mod:`mm_kernels.integrations.megatron`
   (mm_kernels' fused attention: ATen's flash attention on CPU, Triton on CUDA, npu_fusion_attention
   on Ascend); with context parallelism the context-parallel attention, which runs the same kernels,
   takes its place whatever the flag. Attention dropout is fused only in the Triton kernel: on CPU
-  and Ascend --use-flash-attn needs --attention-dropout 0;
+  and Ascend, --use-flash-attn with --attention-dropout > 0 leaves megatron-core's attention in place
+  (one start-up line says so);
 - RMSNorm through the layer spec (megatron-core's seam; :func:`norm_module`), for every layer's norms
   and the final norm;
 - SwiGLU (megatron-core's fused entry points, used with ``bias_activation_fusion``: dense and shared-expert
@@ -61,40 +62,48 @@ _NO_FUSED_DROPOUT = {
 }
 
 
-def check(args: argparse.Namespace, device_type: str) -> None:
-    """A fused kernel needs the op it replaces in the model; the fused attention's dropout needs CUDA."""
+def check(args: argparse.Namespace) -> None:
+    """A fused kernel needs the op it replaces in the model."""
     if args.use_fused_rmsnorm and args.normalization != "RMSNorm":
         raise ConfigError("--use-fused-rmsnorm needs --normalization RMSNorm")
     if args.use_fused_swiglu and not args.swiglu:
         raise ConfigError("--use-fused-swiglu needs --swiglu")
-    if (args.use_flash_attn and args.attention_dropout > 0 and device_type in _NO_FUSED_DROPOUT
-            and not uses_transformer_engine(args)):
-        raise ConfigError(f"--use-flash-attn with --attention-dropout {args.attention_dropout} is not supported on "
-                          f"{device_type} ({_NO_FUSED_DROPOUT[device_type]}): pass --attention-dropout 0, or leave "
-                          "out --use-flash-attn for megatron's attention with dropout")
 
 
-def notices(args: argparse.Namespace) -> list[str]:
-    """With Transformer Engine's layer spec, its own fused RMSNorm (inside its fused linear layers) and its
-    own fused attention run."""
-    if not uses_transformer_engine(args):
-        return []
+def _unfused_attention_reason(args: argparse.Namespace, device_type: str) -> str | None:
+    """Why --use-flash-attn leaves megatron-core's attention in place; None when the fused one goes in."""
+    if not args.use_flash_attn:
+        return None
+    if uses_transformer_engine(args):
+        return ("Transformer Engine's fused attention runs (--transformer-impl transformer_engine); mm_kernels' goes "
+                "in with --transformer-impl local")
+    if args.attention_dropout > 0 and device_type in _NO_FUSED_DROPOUT:
+        return (f"megatron-core's attention runs, for --attention-dropout {args.attention_dropout} on {device_type} "
+                f"({_NO_FUSED_DROPOUT[device_type]}); --attention-dropout 0 lets the fused attention in")
+    return None
+
+
+def notices(args: argparse.Namespace, device_type: str) -> list[str]:
+    """Which fused kernel asked for does not go in, and why: with Transformer Engine's layer spec its own
+    fused RMSNorm (inside its fused linear layers) and attention run; the fused attention's dropout needs
+    CUDA."""
     lines = []
-    if args.use_fused_rmsnorm:
+    if args.use_fused_rmsnorm and uses_transformer_engine(args):
         lines.append("--use-fused-rmsnorm: Transformer Engine's fused RMSNorm runs (--transformer-impl "
                      "transformer_engine fuses the norms into its linear layers); mm_kernels' norm goes in with "
                      "--transformer-impl local")
-    if args.use_flash_attn:
-        lines.append("--use-flash-attn: Transformer Engine's fused attention runs (--transformer-impl "
-                     "transformer_engine); mm_kernels' goes in with --transformer-impl local")
+    reason = _unfused_attention_reason(args, device_type)
+    if reason is not None:
+        lines.append(f"--use-flash-attn: {reason}")
     return lines
 
 
-def to_config(args: argparse.Namespace) -> FusedKernelsConfig:
-    """The :class:`FusedKernelsConfig` of the (checked) flags; attention and norm stay Transformer Engine's
-    with its spec."""
+def to_config(args: argparse.Namespace, device_type: str) -> FusedKernelsConfig:
+    """The :class:`FusedKernelsConfig` of the (checked) flags on ``device_type``: attention and norm stay
+    Transformer Engine's with its spec, attention with dropout stays megatron-core's off CUDA."""
     te = uses_transformer_engine(args)
-    return FusedKernelsConfig(flash_attn=args.use_flash_attn and not te, rmsnorm=args.use_fused_rmsnorm and not te,
+    flash = args.use_flash_attn and _unfused_attention_reason(args, device_type) is None
+    return FusedKernelsConfig(flash_attn=flash, rmsnorm=args.use_fused_rmsnorm and not te,
                               swiglu=args.use_fused_swiglu)
 
 
