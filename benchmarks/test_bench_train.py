@@ -31,8 +31,8 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
-    (["--quick", "--", "--use-flash-attn", "--attention-dropout", "0.1"],
-     "mm-bench train: error: --use-flash-attn with --attention-dropout 0.1 is not supported on cpu"),
+    (["--quick", "--", "--normalization", "LayerNorm"],
+     "mm-bench train: error: --use-fused-rmsnorm needs --normalization RMSNorm"),
 ])
 def test_bad_arguments(argv, message, capsys):
     try:
