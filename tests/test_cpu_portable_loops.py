@@ -16,7 +16,7 @@ _CHECKS = """
 import torch
 import mm_kernels
 from mm_kernels.reference import rms_norm, swiglu
-from tests.helpers import assert_close
+from tests.helpers import assert_close, tolerance
 
 torch.manual_seed(0)
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -42,9 +42,9 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         y = mm_kernels.swiglu(x)
         (dx,) = torch.autograd.grad(y, x, dy)
         x64 = x.detach().double()
-        torch.testing.assert_close(y.double(), swiglu.swiglu_fwd(x64, 1), equal_nan=True, atol=2e-2, rtol=2e-2)
-        torch.testing.assert_close(dx.double(), swiglu.swiglu_bwd(dy.double(), x64, 1), equal_nan=True, atol=2e-2,
-                                   rtol=2e-2)
+        torch.testing.assert_close(y.double(), swiglu.swiglu_fwd(x64, 1), equal_nan=True, **tolerance(dtype))
+        torch.testing.assert_close(dx.double(), swiglu.swiglu_bwd(dy.double(), x64, 1), equal_nan=True,
+                                   **tolerance(dtype))
 """
 
 

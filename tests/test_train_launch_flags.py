@@ -125,6 +125,8 @@ def test_megatron_spellings_and_launcher_arguments(monkeypatch):
     if te.model.transformer_impl == "local":  # Transformer Engine is not installed here
         assert te.notices == ("--transformer-impl transformer_engine: Transformer Engine is not installed, "
                               "megatron-core's local layers run",)
+    else:
+        assert te.model.transformer_impl == "transformer_engine" and te.notices == ()
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert read_launch(local_rank_flag=1).local_rank == 1
     monkeypatch.setenv("LOCAL_RANK", "0")
@@ -227,8 +229,9 @@ def test_ascend_is_detected_first_and_redirects_cuda(monkeypatch):
     assert "torch_npu" not in sys.modules or sys.modules["torch_npu"] is not modules["torch_npu"]
 
 
-def _swiglu_calls_in_moe(rank: int, world_size: int, flags: list[str]) -> int:
-    """Calls into mm_kernels.swiglu during one forward and backward of a model whose every layer is MoE."""
+def _swiglu_calls_in_moe(rank: int, world_size: int, flags: list[str]) -> list[int]:
+    """The input width (2 x FFN) of each call into mm_kernels.swiglu during one forward and backward of a
+    model whose every layer is MoE."""
     from megatron.core import parallel_state, tensor_parallel
 
     import mm_kernels
@@ -242,7 +245,7 @@ def _swiglu_calls_in_moe(rank: int, world_size: int, flags: list[str]) -> int:
     patch = fused_kernels.apply(config.fused_kernels, config.moe)
     calls = []
     original = mm_kernels.swiglu
-    mm_kernels.swiglu = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    mm_kernels.swiglu = lambda *args, **kwargs: calls.append(args[0].shape[-1]) or original(*args, **kwargs)
     parallel_state.initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     try:
@@ -256,11 +259,15 @@ def _swiglu_calls_in_moe(rank: int, world_size: int, flags: list[str]) -> int:
         parallel_state.destroy_model_parallel()
         patch.restore()
         mm_kernels.swiglu = original
-    return len(calls)
+    return calls
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("flags", [[], ["--moe-grouped-gemm", "--bf16"], ["--moe-shared-expert-intermediate-size", "64"]],
                          ids=["sequential-experts", "grouped-experts", "shared-experts"])
 def test_fused_swiglu_reaches_the_experts(flags):
-    assert run_ranks(_swiglu_calls_in_moe, 1, flags, timeout=180)[0] >= 2
+    widths = run_ranks(_swiglu_calls_in_moe, 1, flags, timeout=180)[0]
+    routed = 2 * 192   # TINY's SwiGLU FFN width of hidden 64
+    assert widths.count(routed) >= 2, widths   # the routed experts of both layers
+    shared = [width for width in widths if width != routed]
+    assert shared == ([2 * 64] * 2 if "--moe-shared-expert-intermediate-size" in flags else []), widths
