@@ -155,7 +155,6 @@ MMK_AVX512 void silu_mul_loop(const T* a, const T* b, T* y, int64_t n) {
     silu_mul16<kStreaming>(a + i + 16, b + i + 16, y + i + 16, kFull);
   }
   for (; i < n; i += 16) silu_mul16<kStreaming>(a + i, b + i, y + i, n - i >= 16 ? kFull : tail_mask(n - i));
-  if constexpr (kStreaming) _mm_sfence();
 }
 
 template <bool kStreaming, typename T>
@@ -171,7 +170,6 @@ MMK_AVX512 void silu_mul_bwd_loop(const T* dy, const T* a, const T* b, T* da, T*
   for (; i < n; i += 16) {
     silu_mul_bwd16<kStreaming>(dy + i, a + i, b + i, da + i, db + i, n - i >= 16 ? kFull : tail_mask(n - i));
   }
-  if constexpr (kStreaming) _mm_sfence();
 }
 
 // x rounded to bf16 and back.

@@ -19,7 +19,8 @@ bool supported();
 
 // SwiGLU: y = silu(a) * b over n elements; T is float, c10::BFloat16 or c10::Half. The inputs are
 // prefetched ahead; with `streaming` (outputs larger than the caches) full vectors of output are
-// written with non-temporal stores straight from the registers.
+// written with non-temporal stores straight from the registers (the caller fences them, stream_fence,
+// once per task).
 template <typename T>
 void silu_mul(const T* a, const T* b, T* y, int64_t n, bool streaming);
 

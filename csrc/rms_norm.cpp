@@ -251,23 +251,6 @@ std::vector<float> forward_scale(const std::optional<at::Tensor>& weight, Castin
   return scale;
 }
 
-// The fp32 factor of the gradient, offset + weight in fp32 for every casting mode; ones without a weight.
-template <typename T>
-std::vector<float> grad_scale(const std::optional<at::Tensor>& weight, double offset, int64_t hidden) {
-  std::vector<float> scale(hidden, 1.0f);
-  if (!has_weight(weight)) return scale;
-  const float off = static_cast<float>(offset);
-  if (weight->scalar_type() == c10::CppTypeToScalarType<T>::value && weight->is_contiguous()) {
-    const T* w = weight->const_data_ptr<T>();
-    for (int64_t i = 0; i < hidden; ++i) scale[i] = load_f32(w[i]) + off;
-    return scale;
-  }
-  const at::Tensor w = weight->to(at::kFloat).contiguous();
-  const float* wp = w.const_data_ptr<float>();
-  for (int64_t i = 0; i < hidden; ++i) scale[i] = wp[i] + off;
-  return scale;
-}
-
 int64_t grain_rows(int64_t hidden) { return std::max<int64_t>(1, kGrainElements / hidden); }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -346,7 +329,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy_in, const a
   at::Tensor partial = with_weight ? at::empty({blocks, hidden}, x.options().dtype(at::kFloat)) : at::Tensor();
   MMK_DISPATCH_FLOAT_TYPES(x.scalar_type(), "mm_kernels_cpu::rms_norm_bwd", [&] {
     using T = scalar_t;
-    const std::vector<float> gscale = grad_scale<T>(weight, offset, hidden);
+    // The gradient's factor is offset + weight in fp32 for every casting mode: gemma's forward factor.
+    const std::vector<float> gscale = forward_scale<T>(weight, Casting::kGemma, offset, hidden);
     const T* xp = x.const_data_ptr<T>();
     const T* dyp = dy.const_data_ptr<T>();
     const float* rp = rstd.const_data_ptr<float>();

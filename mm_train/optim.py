@@ -90,11 +90,16 @@ def torch_param_groups(config: OptimizerConfig, named_parameters) -> list[dict]:
             for (wd_mult, lr_mult), params in groups.items()]
 
 
-def build_torch_optimizer(config: OptimizerConfig, named_parameters, fused: bool = False) -> torch.optim.Optimizer:
+# Devices with torch's fused AdamW kernel: one call per step instead of one per parameter and operation,
+# which matters most for DTensor parameters.
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def build_torch_optimizer(config: OptimizerConfig, named_parameters, device_type: str) -> torch.optim.Optimizer:
     """torch AdamW (Adam with decoupled weight decay, as megatron-core uses without Apex/TE) or SGD
-    over :func:`torch_param_groups`; the scheduler sets every group's lr and weight decay.
-    ``fused``: AdamW's fused kernel (CPU and CUDA; one call per step instead of one per parameter and
-    operation, which matters most for DTensor parameters), SGD's multi-tensor one."""
+    over :func:`torch_param_groups` for parameters on ``device_type``; the scheduler sets every group's
+    lr and weight decay. AdamW runs its fused kernel where torch has one, SGD its multi-tensor one."""
+    fused = device_type in _FUSED_ADAMW_DEVICES
     groups = torch_param_groups(config, named_parameters)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, weight_decay=config.weight_decay, momentum=config.sgd_momentum,

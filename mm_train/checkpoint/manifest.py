@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from mm_train.errors import CheckpointError
@@ -55,11 +54,10 @@ def entry_problem(directory: Path, name: str, entry: dict | int) -> str | None:
 
 
 def write_manifest(directory: Path, metadata: dict, files: dict[str, dict]) -> None:
-    """Writes ``manifest.json``: ``metadata`` (plain JSON values) and ``"files": files``; flushed to disk."""
+    """Writes ``manifest.json``: ``metadata`` (plain JSON values) and ``"files": files`` (the atomic save
+    fsyncs it with the rest of the staging directory)."""
     with open(directory / MANIFEST, "w") as handle:
         json.dump({**metadata, "files": files}, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def read_manifest(directory: Path) -> dict | None:

@@ -107,8 +107,8 @@ class HFEngine(Engine):
             _print0(f"fused kernels: {counts} module(s) of {report.model_class}")
         self.entry = TextModelEntry(self.model, cp, self.cp_rank)
         self.image_token_id = self.model.config.image_token_id
-        fused = launch.device_type in ("cpu", "cuda")
-        self.optimizer = FSDP2Optimizer(build_torch_optimizer(config.optimizer, self.model.named_parameters(), fused),
+        self.optimizer = FSDP2Optimizer(build_torch_optimizer(config.optimizer, self.model.named_parameters(),
+                                                              launch.device_type),
                                         config.optimizer.clip_grad)
         self.scheduler = build_scheduler(config.optimizer, config.training, self.optimizer)
         self.aux_loss_coef = multimodal.model.router_aux_loss_coef if "num_experts" in multimodal.model.text_config \
@@ -150,7 +150,6 @@ class HFEngine(Engine):
         return max(count.item(), 1.0)
 
     def _reduce(self, total: torch.Tensor) -> float:
-        total = total.to(self.launch.device, torch.float64)
         dist.all_reduce(total, group=self.dp_group)
         return (total[0] / total[1].clamp(min=1e-12)).item()
 
@@ -161,19 +160,20 @@ class HFEngine(Engine):
         mode = training.loss_mode
         batches = [next(data) for _ in range(training.micro_batches)]
         per_token_scale = self.dp_size / self._global_tokens(batches) if mode == "per_token" and backward else None
-        total = torch.zeros(2, dtype=torch.float64)
-        aux_total = 0.0
+        # Sums kept on the device: one host sync per step (in _reduce), none per micro-batch.
+        total = torch.zeros(2, dtype=torch.float64, device=self.launch.device)
+        aux_total = torch.zeros((), dtype=torch.float64, device=self.launch.device)
         for batch in batches:
             value, divisor, report, aux = self._forward(batch, mode)
-            total += report.detach().cpu().double()
-            aux_total += float(aux)
+            total += report.detach().double()
+            aux_total += aux.detach().double()
             if backward:
                 if per_token_scale is not None:
                     loss = value * per_token_scale
                 else:
                     loss = value / divisor.clamp(min=1).to(value.device) / len(batches)
                 (loss + self.aux_loss_coef * aux / len(batches)).backward()
-        return self._reduce(total), batches[0]["input_ids"].shape[1], aux_total / len(batches)
+        return self._reduce(total), batches[0]["input_ids"].shape[1], aux_total.item() / len(batches)
 
     # ---- the engine interface ----------------------------------------------------------------------
 

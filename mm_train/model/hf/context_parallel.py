@@ -77,7 +77,9 @@ class TextModelEntry:
         self.size, self.rank = size, rank
         self.blank_vision = False
         vision = model.config.vision_config
-        self._blank_grid = torch.tensor([[1, vision.spatial_merge_size, vision.spatial_merge_size]])
+        merge = vision.spatial_merge_size
+        self._blank_grid = torch.tensor([[1, merge, merge]])
+        self._blank_patches = merge * merge
         self._blank_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
         self.handle = self.inner.language_model.register_forward_pre_hook(self, with_kwargs=True)
 
@@ -85,7 +87,7 @@ class TextModelEntry:
         return shard_for_rank(x, ULYSSES, self.size, self.rank, self.size, dim)
 
     def _blank_vision_term(self, like: Tensor) -> Tensor:
-        pixels = torch.zeros(self._blank_grid.prod().item(), self._blank_dim, device=like.device)
+        pixels = torch.zeros(self._blank_patches, self._blank_dim, device=like.device)
         output = self.inner.visual(pixels, grid_thw=self._blank_grid.to(like.device))
         return 0.0 * _tensor_sum(output).to(like.device, like.dtype)
 
