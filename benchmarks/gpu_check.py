@@ -28,7 +28,7 @@ from mm_kernels.reference import attention as attention_reference
 from mm_kernels.reference import moe as moe_reference
 from mm_kernels.reference import rms_norm as rms_norm_reference
 from mm_kernels.reference import swiglu as swiglu_reference
-from tests.helpers import TOLERANCES
+from tests.helpers import tolerance
 
 FAILURES: list[str] = []
 
@@ -45,15 +45,11 @@ def check(name: str, fn: Callable[[], str]) -> None:
 
 
 def _close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> float:
-    """Asserts |actual - expected| <= atol + rtol |expected| (tolerances of ``dtype``); returns the max error."""
-    tol = TOLERANCES[dtype]
+    """Asserts ``actual`` is within the tolerance of ``dtype`` of ``expected`` (NaN where it has NaN);
+    returns the max error."""
     actual, expected = actual.double(), expected.double()
-    error = (actual - expected).abs()
-    bound = tol["atol"] * scale + tol["rtol"] * scale * expected.abs()
-    same_nan = torch.equal(actual.isnan(), expected.isnan())
-    ok = same_nan and bool(((actual == expected) | (error <= bound))[~expected.isnan()].all())
-    assert ok, f"{name}: max error {error.nan_to_num().max().item():.3g} over the {dtype} tolerance"
-    return error.nan_to_num().max().item()
+    torch.testing.assert_close(actual, expected, equal_nan=True, **tolerance(dtype, scale), msg=lambda m: f"{name}: {m}")
+    return (actual - expected).abs().nan_to_num().max().item()
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:

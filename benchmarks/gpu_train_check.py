@@ -25,19 +25,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-LOSS = re.compile(r"\| lm loss: ([0-9.E+\-]+) \|")
+from tests.train_runner import LOSS, ROOT, TINY
+
 ITERS = 30
-TINY = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --micro-batch-size 2 "
-        "--global-batch-size 8 --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-fraction 0.1 "
-        "--normalization RMSNorm --swiglu --position-embedding-type rope --disable-bias-linear "
-        "--hidden-dropout 0 --attention-dropout 0 --make-vocab-size-divisible-by 256 --log-interval 1 "
-        "--num-workers 0 --use-fused-rmsnorm --use-fused-swiglu").split()
+FUSED = [*TINY, "--use-fused-rmsnorm", "--use-fused-swiglu"]
 MOE = ("--num-experts 4 --moe-router-topk 2 --moe-token-dispatcher-type alltoall --moe-permute-fusion "
        "--moe-aux-loss-coeff 0.01 --moe-layer-freq -1 --first-k-dense-replace -1 --bf16").split()
 
@@ -107,8 +102,8 @@ def main() -> int:
 
     steps = ["--train-iters", str(ITERS)]
     try:
-        cpu, _, _ = run("cpu-reference", TINY + steps, out, cuda=False)
-        gpu, calls, log = run("cuda-fused", TINY + steps + ["--distributed-backend", "nccl"], out)
+        cpu, _, _ = run("cpu-reference", FUSED + steps, out, cuda=False)
+        gpu, calls, log = run("cuda-fused", FUSED + steps + ["--distributed-backend", "nccl"], out)
         worst = worst_relative(gpu, cpu)
         check("cuda-fused vs cpu-reference", worst <= 2e-3 and calls["swiglu_cuda"] > 0 and calls["rms_norm_cuda"] > 0
               and calls["peak_cuda_bytes"] > 0 and "running on gloo" not in log,
@@ -116,7 +111,7 @@ def main() -> int:
               f"worst relative difference {worst:.2e} (limit 2e-3); fused calls on CUDA tensors: swiglu "
               f"{calls['swiglu_cuda']}/{calls['swiglu']}, rms_norm {calls['rms_norm_cuda']}/{calls['rms_norm']}; "
               f"peak CUDA memory {calls['peak_cuda_bytes'] / 2**20:.1f} MiB")
-        save, distributed = out / "resume-ckpt", TINY + steps + ["--use-distributed-optimizer"]
+        save, distributed = out / "resume-ckpt", FUSED + steps + ["--use-distributed-optimizer"]
         whole, _, _ = run("cuda-distributed-optimizer", distributed, out)
         first, _, _ = run("cuda-resume-first", distributed + ["--save", str(save), "--save-interval", "15",
                                                               "--exit-interval", "15"], out)
@@ -124,14 +119,14 @@ def main() -> int:
         worst = worst_relative(first + second, whole)
         check("cuda-resume", worst <= 1e-5 and "at iteration 15" in log,
               f"saved at 15, resumed: worst relative difference to the uninterrupted run {worst:.2e} (limit 1e-5)")
-        moe, calls, _ = run("cuda-moe-bf16", TINY + steps + MOE, out)
+        moe, calls, _ = run("cuda-moe-bf16", FUSED + steps + MOE, out)
         falls = len(moe) == ITERS and all(value == value for value in moe) and \
             sum(moe[-5:]) / 5 < sum(moe[:5]) / 5 - 0.2
         check("cuda-moe-bf16", falls and calls["swiglu_cuda"] > 0,
               f"loss {moe[0]:.4f} -> {moe[-1]:.4f} over {len(moe)} iterations; fused swiglu calls on CUDA tensors "
               f"{calls['swiglu_cuda']} (experts only: every layer is MoE)")
         if importlib.util.find_spec("transformer_engine") is not None:
-            te, _, log = run("cuda-transformer-engine", TINY + ["--train-iters", "10", "--transformer-impl",
+            te, _, log = run("cuda-transformer-engine", FUSED + ["--train-iters", "10", "--transformer-impl",
                                                                 "transformer_engine"], out)
             check("cuda-transformer-engine", len(te) == 10 and all(value == value for value in te),
                   f"loss {te[0]:.4f} -> {te[-1]:.4f}; notice: "

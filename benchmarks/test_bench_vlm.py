@@ -22,7 +22,7 @@ def test_both_paths_train_alike_and_report(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--size", "huge"], "invalid choice"),
-    (["--steps", "0"], "--steps must be >= 1"),
+    (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
 ])
 def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

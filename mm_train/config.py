@@ -133,5 +133,6 @@ def build_config(args: argparse.Namespace, launch: Launch) -> RunConfig:
         logging=logging.to_config(args),
         multimodal=multimodal.to_config(args, files) if files is not None else None,
         notices=tuple(compat.notices(args) + multimodal.notices(ignored) + parallel.notices(args, launch)
-                      + model.notices(args) + fused_kernels.notices(args, launch.device_type) + moe.notices(args)),
+                      + context_parallel.notices(args) + model.notices(args)
+                      + fused_kernels.notices(args, launch.device_type) + moe.notices(args)),
     )

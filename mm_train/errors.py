@@ -18,3 +18,9 @@ class CheckpointError(UserError, RuntimeError):
 class DataError(UserError, ValueError):
     """A data file or record that cannot be used (missing, empty, truncated, unreadable, not what it
     should be, a malformed record)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type's name when the message is empty), for a one-line
+    report of a third-party failure."""
+    return next(iter(str(error).strip().splitlines()), type(error).__name__)

@@ -11,10 +11,10 @@ training only: the interval clock stops while the run evaluates or saves a check
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from mm_train.checkpoint import messages
@@ -76,7 +76,7 @@ class _Interval:
             self.loss_sum += result.loss
             self.losses += 1
         else:
-            self.nan += int(not np.isfinite(result.loss))
+            self.nan += int(not math.isfinite(result.loss))
 
     def stats(self, state: TrainingState, config: RunConfig, result: StepResult, learning_rate: float,
               flops_per_iteration: float | None) -> IterationStats:

@@ -207,5 +207,8 @@ def test_flags_and_alias():
     assert (args.context_parallel_size, args.context_parallel_algo, args.attention_mask_type) == (
         1, "ulysses_cp_algo", "causal")
     assert parse_args(TINY + ["--cp-attention-mask-type", "general"]).attention_mask_type == "general"
+    general = build_config(parse_args(TINY + ["--attention-mask-type", "general"]), Launch(0, 1, 0, "cpu"))
+    assert general.notices == ("--attention-mask-type general has no effect here: the GPT model's attention is "
+                               "causal (the kernels never build a mask)",)
     with pytest.raises(SystemExit):
         parse_args(TINY + ["--attention-mask-type", "padding"])

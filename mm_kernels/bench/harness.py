@@ -264,6 +264,12 @@ def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
         return pool.submit(fn, *args).result()
 
 
+def sync(device: torch.device | str) -> None:
+    """Waits for the work queued on ``device`` (CUDA; nothing to wait for on the CPU) before a clock is read."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def add_step_arguments(parser: argparse.ArgumentParser, steps: int, steps_help: str) -> None:
     """Adds --steps (default ``steps``), --warmup, --threads and --json, the options every training-step
     benchmark takes; --steps and --threads must be >= 1, --warmup >= 0 (argparse's one-line error)."""

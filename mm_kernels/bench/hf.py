@@ -24,15 +24,10 @@ import time
 
 import torch
 
-from mm_kernels.bench.harness import DTYPES, add_step_arguments, at_least, in_fresh_process
+from mm_kernels.bench.harness import DTYPES, add_step_arguments, at_least, in_fresh_process, sync
 from mm_kernels.bench.hf_models import MODEL_TYPES, SIZES
 
 VARIANTS = ("original", "fused")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _trainer(model: torch.nn.Module, inputs: dict, device: torch.device):
@@ -40,13 +35,13 @@ def _trainer(model: torch.nn.Module, inputs: dict, device: torch.device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> tuple[float, float]:
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         loss = model(**inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - start, loss.item()
 
     return step

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from mm_kernels.bench.harness import add_step_arguments, at_least, in_fresh_process
+from mm_kernels.bench.harness import add_step_arguments, at_least, in_fresh_process, sync
 
 MODEL = ("--num-layers 4 --hidden-size 256 --num-attention-heads 8 --seq-length 512 --micro-batch-size 4 "
          "--global-batch-size 8 --normalization RMSNorm --swiglu --position-embedding-type rope "
@@ -76,10 +76,10 @@ def train_steps(trainer_args: list[str], steps: int, warmup: int, threads: int) 
     try:
         data, _ = engine.data(engine.load())
         for step in range(warmup + steps):
-            _sync(launch.device_type)
+            sync(launch.device)
             faults_before, start = minor_faults(), time.perf_counter()
             result = engine.train_step(data)
-            _sync(launch.device_type)
+            sync(launch.device)
             if step >= warmup:
                 seconds.append(time.perf_counter() - start)
                 faults.append(minor_faults() - faults_before)
@@ -87,11 +87,6 @@ def train_steps(trainer_args: list[str], steps: int, warmup: int, threads: int) 
         engine.close()
         torch.distributed.destroy_process_group()
     return {"seconds": seconds, "faults": faults, "tokens": result.tokens, "loss": result.loss}
-
-
-def _sync(device_type: str) -> None:
-    if device_type == "cuda":
-        torch.cuda.synchronize()
 
 
 def run_rounds(trainer_args: list[str], rounds: int, steps: int, warmup: int, threads: int) -> list[dict]:

@@ -32,14 +32,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from mm_kernels.bench.harness import add_step_arguments, at_least, sync
 from mm_kernels.bench.hf_models import SIZES
 
 VARIANTS = ("mm-train", "transformers")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _run_config(root: Path, args: argparse.Namespace) -> Path:
@@ -89,7 +85,7 @@ def _transformers_step(directory: Path, batches, device: torch.device, dtype: to
     def step() -> tuple[float, float, int]:
         batch = {key: value.to(device) for key, value in next(batches).items()}
         ids, labels = batch["input_ids"], batch["labels"]   # labels[t]: the target of input t
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         logits = model(input_ids=ids, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
                        image_grid_thw=batch["image_grid_thw"],
@@ -98,7 +94,7 @@ def _transformers_step(directory: Path, batches, device: torch.device, dtype: to
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - start, loss.item(), ids.numel()
 
     return step
@@ -121,10 +117,10 @@ def time_both(args: argparse.Namespace) -> dict[str, dict]:
         plain = _transformers_step(root / "model", iter(loaded), device, dtype)
 
         def our_step() -> tuple[float, float, int]:
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             result = engine.train_step(ours)
-            _sync(device)
+            sync(device)
             return time.perf_counter() - start, result.loss, result.tokens
 
         steppers = {"mm-train": our_step, "transformers": plain}
@@ -156,19 +152,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--size", default="small", choices=sorted(SIZES))
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=8, help="samples per step (default 8)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant, interleaved (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help=f"CPU threads (default {torch.get_num_threads()})")
-    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    args = parser.parse_args(argv)
-    for name in ("batch", "steps", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be >= 0, got {args.warmup}")
-    return args
+    parser.add_argument("--batch", type=at_least(1), default=8, help="samples per step (default 8)")
+    add_step_arguments(parser, 10, "timed steps per variant, interleaved")
+    return parser.parse_args(argv)
 
 
 def format_rows(results: dict[str, dict]) -> str:

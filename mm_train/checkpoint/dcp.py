@@ -47,7 +47,7 @@ from mm_train.checkpoint.atomic import (
     world_size,
 )
 from mm_train.checkpoint.state import read_file, rng_state, set_rng_state
-from mm_train.errors import CheckpointError
+from mm_train.errors import CheckpointError, first_line
 
 COMMON_FILENAME = "common.pt"
 DCP_METADATA = ".metadata"
@@ -169,8 +169,7 @@ def load_dcp_checkpoint(checkpoint_dir: str | Path, model: nn.Module, optimizer:
             dcp.load(state, checkpoint_id=path)
             set_model_state_dict(model, state["model"])
     except (dcp.CheckpointException, OSError, RuntimeError, ValueError, KeyError) as failure:
-        first_line = next(iter(str(failure).strip().splitlines()), type(failure).__name__)
-        raise CheckpointError(f"{path}: corrupt or incompatible checkpoint: {first_line}") from failure
+        raise CheckpointError(f"{path}: corrupt or incompatible checkpoint: {first_line(failure)}") from failure
     if rng is not None:
         set_rng_state(rng, rng_tracker)
     if scheduler is not None and load_optim and common["scheduler"] is not None:

@@ -42,7 +42,7 @@ from mm_train.checkpoint.torch_format import (
     newest_checkpoint,
     replica_rank,
 )
-from mm_train.errors import CheckpointError
+from mm_train.errors import CheckpointError, first_line
 from mm_train.features.checkpointing import CheckpointConfig, megatron_args
 from mm_train.launch import print_rank_0
 
@@ -200,8 +200,7 @@ def load_checkpoint(root: str, stages: list, optimizer, scheduler, options: Chec
     try:
         loaded = dist_checkpointing.load(sharded, str(directory), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     except Exception as failure:
-        first_line = next(iter(str(failure).strip().splitlines()), type(failure).__name__)
-        raise CheckpointError(f"{directory}: cannot load at this layout: {first_line}") from failure
+        raise CheckpointError(f"{directory}: cannot load at this layout: {first_line(failure)}") from failure
     if "rng_state" in loaded:
         all_ranks_ok(_rng_problem(loaded["rng_state"]))
     for key, stage in zip(model_keys(stages), stages, strict=True):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mm_train.errors import CheckpointError
+from mm_train.errors import CheckpointError, first_line
 from mm_train.launch import device_type
 
 
@@ -32,8 +32,7 @@ def read_file(path: Path) -> object:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        first_line = next(iter(str(error).strip().splitlines()), "")
-        raise CheckpointError(f"{path}: unreadable ({type(error).__name__}: {first_line})") from None
+        raise CheckpointError(f"{path}: unreadable ({type(error).__name__}: {first_line(error)})") from None
 
 
 def rng_state(tracker=None) -> dict:

@@ -212,7 +212,7 @@ def adam_steps_set_aside(optimizer):
     do not): KeyError 'step'. The steps come from the optimizer's state dict, loaded before, where
     megatron gives all parameters one shared tensor; torch's Adam would then increment it once per
     parameter, hence a copy each."""
-    states = [inner.optimizer.state for inner in getattr(optimizer, "chained_optimizers", [optimizer])]
+    states = _torch_adam_states(optimizer)
     steps = [{param: state.pop("step") for param, state in per.items() if "step" in state} for per in states]
     try:
         yield

@@ -170,18 +170,24 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def make_loader(dataset, sampler: GlobalBatchSampler, config: DataConfig,
+                collate_fn=None) -> torch.utils.data.DataLoader:
+    """The DataLoader of the trainer's batches: ``config.num_workers`` persistent workers that leave stop
+    signals to the main process, and its own generator: creating the iterator must not draw from the
+    global RNG, whose state a checkpoint restores (dropout after a resume would differ from the
+    uninterrupted run)."""
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
+                                       collate_fn=collate_fn, persistent_workers=config.num_workers > 0,
+                                       generator=torch.Generator().manual_seed(config.seed),
+                                       worker_init_fn=_ignore_stop_signals)
+
+
 def _iterate(stream, source: str, tokenizer, config: DataConfig, consumed: int, dp_rank: int,
              dp_size: int) -> Iterator[dict[str, torch.Tensor]]:
     sampler = GlobalBatchSampler(stream, consumed, config.seq_length, config.micro_batch_size,
                                  config.global_batch_size, dp_rank, dp_size, config.variable_seq_lengths,
                                  config.pad_multiple)
-    dataset = SampleDataset(stream, tokenizer.pad)
-    # Own generator: creating the iterator must not draw from the global RNG, whose state a checkpoint
-    # restores (dropout after a resume would differ from the uninterrupted run).
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
-                                         persistent_workers=config.num_workers > 0,
-                                         generator=torch.Generator().manual_seed(config.seed),
-                                         worker_init_fn=_ignore_stop_signals)
+    loader = make_loader(SampleDataset(stream, tokenizer.pad), sampler, config)
     return _within_vocabulary(loader, tokenizer.vocab_size, source)
 
 

@@ -19,7 +19,7 @@ import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
-from mm_train.errors import ConfigError
+from mm_train.errors import ConfigError, first_line
 from mm_train.features.data import TokenizerConfig
 
 
@@ -80,8 +80,7 @@ class HuggingFaceTokenizer:
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=use_fast)
         except (OSError, ValueError) as error:
-            first_line = next(iter(str(error).strip().splitlines()), type(error).__name__)
-            raise ConfigError(f"cannot load the tokenizer in {path}: {first_line}") from None
+            raise ConfigError(f"cannot load the tokenizer in {path}: {first_line(error)}") from None
         eos = self._tokenizer.eos_token_id
         if eos is None:
             raise ConfigError(f"the tokenizer in {path!r} defines no end-of-sequence token")

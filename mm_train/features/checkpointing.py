@@ -47,13 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """torch_dcp is FSDP2's format (FSDP2 refuses the torch format itself)."""
+    """torch_dcp is FSDP2's format (FSDP2 refuses the other formats itself)."""
     if args.ckpt_format == "torch_dcp" and not args.use_torch_fsdp2:
         raise ConfigError("--ckpt-format torch_dcp needs --use-torch-fsdp2 (Megatron's optimizer saves with "
                           "--ckpt-format torch or torch_dist)")
-    if args.ckpt_format == "torch_dist" and args.use_torch_fsdp2:
-        raise ConfigError("--ckpt-format torch_dist with --use-torch-fsdp2 is not supported by mm-train (use "
-                          "--ckpt-format torch_dcp)")
 
 
 # Config fields saved under another name in Megatron's args: (section, field) -> Megatron's name.

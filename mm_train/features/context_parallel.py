@@ -56,7 +56,6 @@ class ContextParallelConfig:
     size: int = 1
     algo: str = ULYSSES
     ulysses_degree: int = 1
-    attention_mask_type: str = "causal"
     use_cp_send_recv_overlap: bool = False
 
 
@@ -71,8 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="hybrid_cp_algo: ranks of one Ulysses group (the ring spans the rest)")
     group.add_argument("--attention-mask-type", "--cp-attention-mask-type", dest="attention_mask_type",
                        default="causal", choices=ATTENTION_MASK_TYPES,
-                       help="causal: the mask is implied by positions; general: a full mask (the GPT model's "
-                            "is causal; the attention kernels never materialise it)")
+                       help="accepted as MindSpeed's: the GPT model's attention is causal either way (general "
+                            "is named in a start-up notice)")
     group.add_argument("--use-cp-send-recv-overlap", action="store_true",
                        help="ring attention sends and receives on two communicators")
 
@@ -130,11 +129,19 @@ def check(args: argparse.Namespace) -> None:
                           f"{cp} (the context-parallel attention has no dropout)")
 
 
+def notices(args: argparse.Namespace) -> list[str]:
+    """--attention-mask-type general has no effect: the GPT model's attention is causal, and the kernels
+    never build a mask."""
+    if args.attention_mask_type == "causal":
+        return []
+    return [f"--attention-mask-type {args.attention_mask_type} has no effect here: the GPT model's attention is "
+            "causal (the kernels never build a mask)"]
+
+
 def to_config(args: argparse.Namespace) -> ContextParallelConfig:
     """The :class:`ContextParallelConfig` of the flags (ConfigError for a bad hybrid degree)."""
     return ContextParallelConfig(size=args.context_parallel_size, algo=args.context_parallel_algo,
-                                 ulysses_degree=_ulysses_degree(args), attention_mask_type=args.attention_mask_type,
-                                 use_cp_send_recv_overlap=args.use_cp_send_recv_overlap)
+                                 ulysses_degree=_ulysses_degree(args), use_cp_send_recv_overlap=args.use_cp_send_recv_overlap)
 
 
 @dataclasses.dataclass(frozen=True)

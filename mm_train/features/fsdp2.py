@@ -215,13 +215,13 @@ def select_modules(model: nn.Module, patterns: Sequence[str], key: str) -> list[
     return selected
 
 
-def fsdp2_device_mesh(config: FSDP2Config, world_size: int, device: str | None = None) -> DeviceMesh:
+def fsdp2_device_mesh(config: FSDP2Config, world_size: int) -> DeviceMesh:
     """The mesh FSDP2 shards over: 1-D ("dp_shard") or, when sharding_size < world size,
     2-D ("dp_replicate", "dp_shard") for HSDP. Needs an initialised process group."""
     shard = world_size if config.sharding_size == "auto" else config.sharding_size
     if world_size % shard:
         raise FSDP2ConfigError(f"key 'sharding_size': {shard} does not divide the world size {world_size}")
-    kind = device or device_type()
+    kind = device_type()
     if shard == world_size:
         return init_device_mesh(kind, (world_size,), mesh_dim_names=("dp_shard",))
     return init_device_mesh(kind, (world_size // shard, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
@@ -282,7 +282,7 @@ def apply_fsdp2(model: nn.Module, config: FSDP2Config, mesh: DeviceMesh | None =
     apply_recompute(model, config)
     offload = OffloadPolicy()
     if config.offload_to_cpu:
-        offload = CPUOffloadPolicy(pin_memory=config.pin_memory and device_type() != "cpu")
+        offload = CPUOffloadPolicy(pin_memory=config.pin_memory and device.type != "cpu")
     shard_args = dict(
         mesh=mesh,
         reshard_after_forward=config.reshard_after_forward,

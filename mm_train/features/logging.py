@@ -60,7 +60,7 @@ def num_floating_point_operations(model: ModelConfig, moe: MoEConfig | None, pad
     output logits."""
     forward_backward, multiply_add = 3, 2
     ffn_factor = 3 if model.swiglu else 2
-    kv_channels = model.kv_channels or model.hidden_size // model.num_attention_heads
+    kv_channels = model.kv_channels
     query = kv_channels * model.num_attention_heads
     key_value = kv_channels * model.num_query_groups
     attention = forward_backward * multiply_add * (

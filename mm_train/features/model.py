@@ -106,7 +106,7 @@ def _swiglu_ffn_default(hidden: int) -> int:
 
 def check_required(args: argparse.Namespace) -> None:
     """The model-size flags a GPT needs (with --mm-model they come from the model config)."""
-    needed = ("num_layers", "hidden_size", "num_attention_heads") if args.mm_model is None else ()
+    needed = _SIZES if args.mm_model is None else ()
     missing = [flag(name) for name in (*needed, "seq_length") if vars(args)[name] is None]
     if missing:
         raise ConfigError(f"the following arguments are required: {', '.join(missing)}")

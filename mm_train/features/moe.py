@@ -190,9 +190,6 @@ def check(args: argparse.Namespace, tp_cp_dp_size: int) -> None:
         raise ConfigError("--variable-seq-lengths with --num-experts needs --moe-token-dispatcher-type alltoall")
     _check_layer_pattern(args)
     _check_router_groups(args)
-    for name in ("n_shared_experts", "moe_shared_expert_intermediate_size"):
-        if vars(args)[name] is not None and vars(args)[name] < 1:
-            raise ConfigError(f"{flag(name)} must be >= 1")
 
 
 def _dispatcher(args: argparse.Namespace) -> str:
@@ -235,7 +232,7 @@ def _check_router_groups(args: argparse.Namespace) -> None:
         raise ConfigError("--moe-router-num-groups and --moe-router-group-topk go together (group-limited routing)")
     if groups is None:
         return
-    if groups < 1 or experts % groups:
+    if experts % groups:
         raise ConfigError(f"--moe-router-num-groups {groups} must divide --num-experts {experts}")
     if not 1 <= group_topk <= groups:
         raise ConfigError(f"--moe-router-group-topk {group_topk} must be in [1, --moe-router-num-groups {groups}]")

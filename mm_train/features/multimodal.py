@@ -100,7 +100,7 @@ def expand_config_file(argv: list[str]) -> list[str]:
         raise ConfigError(f"{path}: lora_args: LoRA is not supported")
     flags: list[str] = []
     for key, value in _flatten(raw["gpt_args"]):
-        name = "--" + key.replace("_", "-")
+        name = flag(key)
         if value is True:
             flags.append(name)
         elif isinstance(value, list):

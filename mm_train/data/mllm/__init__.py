@@ -13,21 +13,24 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from mm_train.data.loader import consumed_valid_samples
+from mm_train.data.loader import TRAIN, VALID, consumed_valid_samples
 from mm_train.data.mllm.images import ImagePreparer
 from mm_train.data.mllm.loader import EncodedSet, RecordStream, SampleSet, batch_iterator
 from mm_train.data.mllm.records import Record, read_records
 from mm_train.data.mllm.spec import MllmDataSpec
-from mm_train.data.mllm.template import END_OF_TURN, IGNORE_INDEX, IMAGE_PAD, TEMPLATES, RecordEncoder
-from mm_train.errors import DataError
+from mm_train.data.mllm.template import (
+    END_OF_TURN,
+    IGNORE_INDEX,
+    IMAGE_PAD,
+    TEMPLATES,
+    VISION_END,
+    VISION_START,
+    RecordEncoder,
+)
+from mm_train.errors import DataError, first_line
 from mm_train.features.data import DataConfig
 
-_REQUIRED_TOKENS = ("<|vision_start|>", "<|vision_end|>", IMAGE_PAD, END_OF_TURN)
-TRAIN, VALID = 0, 1
-
-
-def _first_line(error: Exception) -> str:
-    return next(iter(str(error).strip().splitlines()), type(error).__name__)
+_REQUIRED_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, END_OF_TURN)
 
 
 def load_tokenizer(spec: MllmDataSpec):
@@ -41,7 +44,7 @@ def load_tokenizer(spec: MllmDataSpec):
                                                   split_special_tokens=spec.split_special_tokens,
                                                   padding_side="right", local_files_only=True)
     except (OSError, ValueError, TypeError) as error:
-        raise DataError(f"{path}: no usable tokenizer ({_first_line(error)})") from None
+        raise DataError(f"{path}: no usable tokenizer ({first_line(error)})") from None
     vocabulary = tokenizer.get_vocab()
     missing = [token for token in _REQUIRED_TOKENS if token not in vocabulary]
     if missing:
@@ -60,7 +63,7 @@ def load_image_processor(spec: MllmDataSpec):
     try:
         processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError) as error:
-        raise DataError(f"{path}: no usable image processor ({_first_line(error)})") from None
+        raise DataError(f"{path}: no usable image processor ({first_line(error)})") from None
     if not all(hasattr(processor, name) for name in ("merge_size", "patch_size", "get_number_of_image_patches")):
         raise DataError(f"{path}: {type(processor).__name__} is not a Qwen-VL image processor")
     return processor

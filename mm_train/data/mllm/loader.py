@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mm_train.data.loader import GlobalBatchSampler
+from mm_train.data.loader import GlobalBatchSampler, make_loader
 from mm_train.data.mllm.images import ImagePreparer
 from mm_train.data.mllm.records import Record
 from mm_train.data.mllm.template import RecordEncoder
@@ -127,7 +127,5 @@ def batch_iterator(samples: SampleSet, consumed: int, config: DataConfig, dp_ran
     sampler = GlobalBatchSampler(samples.encoded.stream, consumed, config.seq_length, config.micro_batch_size,
                                  config.global_batch_size, dp_rank, dp_size, variable_lengths=True,
                                  pad_multiple=config.pad_multiple)
-    loader = torch.utils.data.DataLoader(samples, batch_sampler=sampler, num_workers=config.num_workers,
-                                         collate_fn=collate, persistent_workers=config.num_workers > 0)
-    return _raising(iter(loader))
+    return _raising(iter(make_loader(samples, sampler, config, collate_fn=collate)))
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mm_kernels.integrations.transformers import FusedKernelReport, apply_fused_kernels
-from mm_train.errors import CheckpointError
+from mm_train.errors import CheckpointError, first_line
 from mm_train.features.fsdp2 import (
     FSDP2Config,
     apply_fsdp2,
@@ -154,7 +154,7 @@ def _pretrained(cls, spec: VisionLanguageModelSpec, config) -> nn.Module:
         model, info = cls.from_pretrained(spec.weights_path, config=config, dtype=torch.float32,
                                           local_files_only=True, output_loading_info=True)
     except (RuntimeError, ValueError, OSError) as error:
-        first = next(iter(str(error).strip().splitlines()), type(error).__name__)
+        first = first_line(error)
         raise CheckpointError(f"{spec.weights_path}: weights do not fit the model ({first})") from None
     finally:
         transformers.logging.set_verbosity(verbosity)

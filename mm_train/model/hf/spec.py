@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from mm_train.errors import ConfigError
+from mm_train.errors import ConfigError, first_line
 
 MODEL_TYPES = {
     "qwen2vl": "qwen2_vl", "qwen2_vl": "qwen2_vl",
@@ -141,7 +141,7 @@ def _load_config(path: str, where: str):
     try:
         return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
-        first = next(iter(str(error).strip().splitlines()), type(error).__name__)
+        first = first_line(error)
         raise ConfigError(f"{where} {path}: config.json cannot be read ({first})") from None
 
 
@@ -207,7 +207,7 @@ def _with_sizes(config, model_type: str, encoder: dict, projector: dict, decoder
     try:
         return type(config).from_dict(values)
     except (TypeError, ValueError) as error:
-        first = next(iter(str(error).strip().splitlines()), type(error).__name__)
+        first = first_line(error)
         raise ConfigError(f"{source}: the model's sizes do not make a valid {type(config).__name__} ({first})") from None
 
 
